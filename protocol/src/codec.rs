@@ -2,6 +2,11 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+/// The client offered subprotocols, none of them Herald's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no supported subprotocol offered (herald.v1.json, herald.v1.msgpack)")]
+pub struct NoKnownSubprotocol;
+
 /// How a session's frames are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Codec {
@@ -31,7 +36,9 @@ impl Codec {
     /// list): the first known one offered wins. `Ok(None)` when nothing was
     /// offered (json, and no header in the reply); `Err` when only unknown
     /// ones were.
-    pub fn negotiate<'a>(offers: impl IntoIterator<Item = &'a str>) -> Result<Option<Codec>, ()> {
+    pub fn negotiate<'a>(
+        offers: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<Codec>, NoKnownSubprotocol> {
         let mut offered_any = false;
         for offer in offers {
             for name in offer.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -42,7 +49,7 @@ impl Codec {
             }
         }
         if offered_any {
-            Err(())
+            Err(NoKnownSubprotocol)
         } else {
             Ok(None)
         }
@@ -112,7 +119,7 @@ mod tests {
             Codec::negotiate(["foo, herald.v1.json, herald.v1.msgpack"]),
             Ok(Some(Codec::Json))
         );
-        assert_eq!(Codec::negotiate(["foo", "bar"]), Err(()));
+        assert_eq!(Codec::negotiate(["foo", "bar"]), Err(NoKnownSubprotocol));
     }
 
     #[test]

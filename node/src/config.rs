@@ -1,0 +1,577 @@
+//! Node configuration: a TOML file, then the environment, then flags, each
+//! overriding the one before (flag > environment > file > default).
+//!
+//! Names follow one rule: TOML `section.key` = `HERALD_SECTION_KEY` =
+//! `--section-key`, with the contract's exceptions (`--node-id`,
+//! `--advertise`, `--seed`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: a clustered real-time pub/sub broker.",
+    long_about = "Herald: a clustered real-time pub/sub broker.\n\n\
+        With no arguments, runs a single-node broker on 127.0.0.1 \
+        (clients on :7400, admin on :7480).\n\
+        Every setting comes from the TOML file, the environment or a flag; \
+        a flag beats the environment, which beats the file."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker (the default).
+    Run,
+}
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Every setting as a flag with its environment variable. `None` means "not
+/// given here": the file or the default decides.
+#[derive(Debug, Default, Args)]
+pub struct Settings {
+    /// TOML configuration file.
+    #[arg(long, env = "HERALD_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Node id (default: the host name).
+    #[arg(long = "node-id", env = "HERALD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Grace period after SIGTERM before open sessions are closed with 1001.
+    #[arg(long = "node-drain-grace", env = "HERALD_NODE_DRAIN_GRACE", value_parser = duration)]
+    pub node_drain_grace: Option<Duration>,
+    /// Topic shards (default: one per worker thread).
+    #[arg(long = "node-shards", env = "HERALD_NODE_SHARDS")]
+    pub node_shards: Option<usize>,
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(long = "node-worker-threads", env = "HERALD_NODE_WORKER_THREADS")]
+    pub node_worker_threads: Option<usize>,
+
+    /// Client listener: WebSocket at /ws and the HTTP publish API.
+    #[arg(long = "client-listen", env = "HERALD_CLIENT_LISTEN")]
+    pub client_listen: Option<SocketAddr>,
+    /// Hard cap on client connections; over it new sessions close with 1013.
+    #[arg(long = "client-max-connections", env = "HERALD_CLIENT_MAX_CONNECTIONS")]
+    pub client_max_connections: Option<usize>,
+    /// Above this many connections, new ones are admitted at a limited rate.
+    #[arg(
+        long = "client-admission-threshold",
+        env = "HERALD_CLIENT_ADMISSION_THRESHOLD"
+    )]
+    pub client_admission_threshold: Option<usize>,
+    /// New connections per second admitted above the threshold.
+    #[arg(long = "client-admission-rate", env = "HERALD_CLIENT_ADMISSION_RATE")]
+    pub client_admission_rate: Option<u32>,
+    /// Time allowed for an HTTP request's headers (WebSocket handshake included).
+    #[arg(long = "client-handshake-timeout", env = "HERALD_CLIENT_HANDSHAKE_TIMEOUT", value_parser = duration)]
+    pub client_handshake_timeout: Option<Duration>,
+    /// Interval of server WebSocket pings.
+    #[arg(long = "client-ping-interval", env = "HERALD_CLIENT_PING_INTERVAL", value_parser = duration)]
+    pub client_ping_interval: Option<Duration>,
+    /// A session with no frame or pong for this long is closed with 4002.
+    #[arg(long = "client-idle-timeout", env = "HERALD_CLIENT_IDLE_TIMEOUT", value_parser = duration)]
+    pub client_idle_timeout: Option<Duration>,
+    /// Largest message (WebSocket message or HTTP body), in bytes.
+    #[arg(
+        long = "client-max-message-bytes",
+        env = "HERALD_CLIENT_MAX_MESSAGE_BYTES"
+    )]
+    pub client_max_message_bytes: Option<usize>,
+    /// Subscriptions per session.
+    #[arg(
+        long = "client-max-subscriptions",
+        env = "HERALD_CLIENT_MAX_SUBSCRIPTIONS"
+    )]
+    pub client_max_subscriptions: Option<usize>,
+    /// Messages queued to one session before it is a slow consumer (4001).
+    #[arg(long = "client-outbound-queue", env = "HERALD_CLIENT_OUTBOUND_QUEUE")]
+    pub client_outbound_queue: Option<usize>,
+    /// Bytes queued to one session before it is a slow consumer (4001).
+    #[arg(
+        long = "client-outbound-queue-bytes",
+        env = "HERALD_CLIENT_OUTBOUND_QUEUE_BYTES"
+    )]
+    pub client_outbound_queue_bytes: Option<usize>,
+
+    /// Admin listener: /metrics, /healthz, /readyz, /v1/cluster.
+    #[arg(long = "admin-listen", env = "HERALD_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// QUIC listener for other nodes.
+    #[arg(long = "cluster-listen", env = "HERALD_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// Host other nodes reach this one at.
+    #[arg(long = "advertise", env = "HERALD_CLUSTER_ADVERTISE")]
+    pub cluster_advertise: Option<String>,
+    /// Gossip address (host:port) of a member to join; repeatable.
+    #[arg(long = "seed", env = "HERALD_CLUSTER_SEEDS", value_delimiter = ',')]
+    pub cluster_seeds: Option<Vec<String>>,
+    /// Cluster name; nodes with another name never join.
+    #[arg(long = "cluster-name", env = "HERALD_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long = "cluster-ca", env = "HERALD_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the cluster CA.
+    #[arg(long = "cluster-cert", env = "HERALD_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long = "cluster-key", env = "HERALD_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+
+    /// Virtual nodes per member on the placement ring.
+    #[arg(long = "cluster-vnodes", env = "HERALD_CLUSTER_VNODES")]
+    pub cluster_vnodes: Option<usize>,
+
+    /// Gossip (membership) listener, UDP.
+    #[arg(long = "gossip-listen", env = "HERALD_GOSSIP_LISTEN")]
+    pub gossip_listen: Option<SocketAddr>,
+
+    /// Messages kept per topic for recovery.
+    #[arg(long = "history-max-messages", env = "HERALD_HISTORY_MAX_MESSAGES")]
+    pub history_max_messages: Option<usize>,
+    /// Age after which a topic's messages leave its history.
+    #[arg(long = "history-max-age", env = "HERALD_HISTORY_MAX_AGE", value_parser = duration)]
+    pub history_max_age: Option<Duration>,
+
+    /// Enables JWT auth with this HS256 secret.
+    #[arg(
+        long = "auth-hs256-secret",
+        env = "HERALD_AUTH_HS256_SECRET",
+        hide_env_values = true
+    )]
+    pub auth_hs256_secret: Option<String>,
+    /// Enables JWT auth with this RS256 public key (PEM file).
+    #[arg(long = "auth-rs256-public-key", env = "HERALD_AUTH_RS256_PUBLIC_KEY")]
+    pub auth_rs256_public_key: Option<PathBuf>,
+
+    /// Log format: text or json.
+    #[arg(long = "log-format", env = "HERALD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Fault injection for tests: a pub to this topic panics its session.
+    #[arg(
+        long = "testing-panic-topic",
+        env = "HERALD_TESTING_PANIC_TOPIC",
+        hide = true
+    )]
+    pub testing_panic_topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub client: ClientConfig,
+    pub admin: AdminConfig,
+    pub cluster: ClusterConfig,
+    pub gossip: GossipConfig,
+    pub history: HistoryConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    pub testing: TestingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: String,
+    #[serde(with = "duration_text")]
+    pub drain_grace: Duration,
+    pub shards: Option<usize>,
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub admission_threshold: usize,
+    pub admission_rate: u32,
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub ping_interval: Duration,
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub seeds: Vec<String>,
+    pub name: String,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Virtual nodes per member on the placement ring.
+    pub vnodes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    pub max_messages: usize,
+    #[serde(with = "duration_text")]
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub hs256_secret: Option<String>,
+    pub rs256_public_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestingConfig {
+    pub panic_topic: Option<String>,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: host_name(),
+            drain_grace: Duration::from_secs(10),
+            shards: None,
+            worker_threads: None,
+        }
+    }
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            listen: loopback(7400),
+            max_connections: 50_000,
+            admission_threshold: 5_000,
+            admission_rate: 50,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            max_message_bytes: protocol::limits::DEFAULT_MAX_MESSAGE_BYTES,
+            max_subscriptions: protocol::limits::DEFAULT_MAX_SUBSCRIPTIONS,
+            outbound_queue: 8192,
+            outbound_queue_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: loopback(7480),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: loopback(7401),
+            advertise: None,
+            seeds: Vec::new(),
+            name: "herald".to_owned(),
+            ca: None,
+            cert: None,
+            key: None,
+            vnodes: 160,
+        }
+    }
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            listen: loopback(7402),
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_messages: 1000,
+            max_age: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// The machine's host name, the default node id.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "herald".to_owned()
+    } else {
+        name
+    }
+}
+
+impl Config {
+    /// Builds the effective configuration from the file named by the
+    /// settings (if any), overridden by the settings themselves (flags and
+    /// environment, which clap has already merged).
+    pub fn load(settings: &Settings) -> Result<Config, ConfigError> {
+        let mut config = match &settings.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply(settings);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    fn apply(&mut self, s: &Settings) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        fn set_some<T: Clone>(target: &mut Option<T>, value: &Option<T>) {
+            if value.is_some() {
+                target.clone_from(value);
+            }
+        }
+        set(&mut self.node.id, &s.node_id);
+        set(&mut self.node.drain_grace, &s.node_drain_grace);
+        set_some(&mut self.node.shards, &s.node_shards);
+        set_some(&mut self.node.worker_threads, &s.node_worker_threads);
+        set(&mut self.client.listen, &s.client_listen);
+        set(&mut self.client.max_connections, &s.client_max_connections);
+        set(
+            &mut self.client.admission_threshold,
+            &s.client_admission_threshold,
+        );
+        set(&mut self.client.admission_rate, &s.client_admission_rate);
+        set(
+            &mut self.client.handshake_timeout,
+            &s.client_handshake_timeout,
+        );
+        set(&mut self.client.ping_interval, &s.client_ping_interval);
+        set(&mut self.client.idle_timeout, &s.client_idle_timeout);
+        set(
+            &mut self.client.max_message_bytes,
+            &s.client_max_message_bytes,
+        );
+        set(
+            &mut self.client.max_subscriptions,
+            &s.client_max_subscriptions,
+        );
+        set(&mut self.client.outbound_queue, &s.client_outbound_queue);
+        set(
+            &mut self.client.outbound_queue_bytes,
+            &s.client_outbound_queue_bytes,
+        );
+        set(&mut self.admin.listen, &s.admin_listen);
+        set(&mut self.cluster.listen, &s.cluster_listen);
+        set_some(&mut self.cluster.advertise, &s.cluster_advertise);
+        set(&mut self.cluster.seeds, &s.cluster_seeds);
+        set(&mut self.cluster.name, &s.cluster_name);
+        set_some(&mut self.cluster.ca, &s.cluster_ca);
+        set_some(&mut self.cluster.cert, &s.cluster_cert);
+        set_some(&mut self.cluster.key, &s.cluster_key);
+        set(&mut self.cluster.vnodes, &s.cluster_vnodes);
+        set(&mut self.gossip.listen, &s.gossip_listen);
+        set(&mut self.history.max_messages, &s.history_max_messages);
+        set(&mut self.history.max_age, &s.history_max_age);
+        set_some(&mut self.auth.hs256_secret, &s.auth_hs256_secret);
+        set_some(&mut self.auth.rs256_public_key, &s.auth_rs256_public_key);
+        set(&mut self.log.format, &s.log_format);
+        set_some(&mut self.testing.panic_topic, &s.testing_panic_topic);
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if self.node.id.is_empty() {
+            return invalid("node.id", "must not be empty");
+        }
+        if self.node.shards == Some(0) {
+            return invalid("node.shards", "must be at least 1");
+        }
+        if self.node.worker_threads == Some(0) {
+            return invalid("node.worker_threads", "must be at least 1");
+        }
+        if self.client.max_message_bytes == 0 {
+            return invalid("client.max_message_bytes", "must be at least 1");
+        }
+        if self.client.outbound_queue == 0 {
+            return invalid("client.outbound_queue", "must be at least 1");
+        }
+        if self.client.ping_interval.is_zero() || self.client.idle_timeout.is_zero() {
+            return invalid("client.ping_interval", "intervals must be above zero");
+        }
+        if self.history.max_messages == 0 {
+            return invalid("history.max_messages", "must be at least 1");
+        }
+        if self.auth.hs256_secret.is_some() && self.auth.rs256_public_key.is_some() {
+            return invalid("auth", "set hs256_secret or rs256_public_key, not both");
+        }
+        if !self.cluster.seeds.is_empty() {
+            // Clustering (gossip and QUIC between nodes) is not built yet;
+            // refusing beats silently running alone.
+            return invalid(
+                "cluster.seeds",
+                "clustering is not available in this build; run without seeds",
+            );
+        }
+        Ok(())
+    }
+
+    /// Topic shards: the configured number, or one per worker thread.
+    pub fn shards(&self) -> usize {
+        self.node
+            .shards
+            .or(self.node.worker_threads)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// Durations in the file are humantime strings such as "500ms" or "5m".
+mod duration_text {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.client.listen, loopback(7400));
+        assert_eq!(c.admin.listen, loopback(7480));
+        assert_eq!(c.cluster.listen, loopback(7401));
+        assert_eq!(c.gossip.listen, loopback(7402));
+        assert_eq!(c.cluster.name, "herald");
+        assert!(!c.node.id.is_empty());
+    }
+
+    #[test]
+    fn file_is_overridden_by_settings() {
+        let file: Config = toml::from_str(
+            "[client]\nlisten = \"127.0.0.1:9000\"\nidle_timeout = \"5s\"\n[node]\nid = \"a\"\n",
+        )
+        .expect("valid toml");
+        assert_eq!(file.client.idle_timeout, Duration::from_secs(5));
+        let mut config = file;
+        config.apply(&Settings {
+            node_id: Some("b".into()),
+            ..Settings::default()
+        });
+        assert_eq!(config.node.id, "b");
+        assert_eq!(config.client.listen, loopback(9000));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("[client]\nlisen = \"x\"\n").is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Local delivery: which of this node's sessions hold which subscriptions,
+//! and handing a sequenced message to each of them.
+//!
+//! A message reaches a session at most once, however many of its
+//! subscriptions match; each queue group the owner assigned to this node
+//! gets it on exactly one member, chosen in turn.
+
+use std::collections::{HashMap, HashSet};
+
+use protocol::{GroupName, Pattern, Topic};
+
+use crate::metrics::METRICS;
+use crate::outbox::{Pushed, SessionHandle, SessionId};
+use crate::owner::{Sequenced, SubKey};
+
+/// Did adding or removing a subscription change this node's interest?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The first subscriber for the key on this node: the owner must learn it.
+    First,
+    /// The last subscriber for the key left: the owner must forget it.
+    Last,
+    Other,
+    /// The session already held (or never held) that subscription.
+    Unchanged,
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    sessions: Vec<SessionHandle>,
+    next: usize,
+}
+
+#[derive(Debug, Default)]
+struct Subscribers {
+    plain: Vec<SessionHandle>,
+    groups: HashMap<GroupName, Members>,
+}
+
+impl Subscribers {
+    fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+
+    fn list_mut(&mut self, group: &Option<GroupName>) -> &mut Vec<SessionHandle> {
+        match group {
+            None => &mut self.plain,
+            Some(group) => &mut self.groups.entry(group.clone()).or_default().sessions,
+        }
+    }
+}
+
+/// The subscriptions of this node's sessions on one shard's topics.
+#[derive(Debug, Default)]
+pub struct LocalSubscriptions {
+    exact: HashMap<Topic, Subscribers>,
+    wildcard: HashMap<Pattern, Subscribers>,
+    /// Sessions already given the current message; reused between messages.
+    seen: HashSet<SessionId>,
+}
+
+impl LocalSubscriptions {
+    fn subscribers_mut(&mut self, pattern: &Pattern) -> &mut Subscribers {
+        match pattern.as_topic() {
+            Some(topic) => self.exact.entry(topic).or_default(),
+            None => self.wildcard.entry(pattern.clone()).or_default(),
+        }
+    }
+
+    pub fn add(&mut self, key: &SubKey, session: SessionHandle) -> Change {
+        let list = self.subscribers_mut(&key.pattern).list_mut(&key.group);
+        if list.iter().any(|s| s.id == session.id) {
+            return Change::Unchanged;
+        }
+        list.push(session);
+        METRICS.subscriptions.inc();
+        if list.len() == 1 {
+            Change::First
+        } else {
+            Change::Other
+        }
+    }
+
+    pub fn remove(&mut self, key: &SubKey, session: SessionId) -> Change {
+        let map_key_topic = key.pattern.as_topic();
+        let subscribers = match &map_key_topic {
+            Some(topic) => self.exact.get_mut(topic),
+            None => self.wildcard.get_mut(&key.pattern),
+        };
+        let Some(subscribers) = subscribers else {
+            return Change::Unchanged;
+        };
+        let list = match &key.group {
+            None => &mut subscribers.plain,
+            Some(group) => match subscribers.groups.get_mut(group) {
+                Some(members) => &mut members.sessions,
+                None => return Change::Unchanged,
+            },
+        };
+        let Some(at) = list.iter().position(|s| s.id == session) else {
+            return Change::Unchanged;
+        };
+        list.swap_remove(at);
+        METRICS.subscriptions.dec();
+        let now_empty = list.is_empty();
+        if now_empty {
+            if let Some(group) = &key.group {
+                subscribers.groups.remove(group);
+            }
+            if subscribers.is_empty() {
+                match map_key_topic {
+                    Some(topic) => self.exact.remove(&topic),
+                    None => self.wildcard.remove(&key.pattern),
+                };
+            }
+            Change::Last
+        } else {
+            Change::Other
+        }
+    }
+
+    /// Hands `message` to every plain subscriber that matches and to one
+    /// member of each group in `groups`; returns how many sessions got it.
+    pub fn deliver(&mut self, message: &Sequenced, groups: &[SubKey]) -> usize {
+        let exact = self.exact.get_mut(&message.topic);
+        // The common case, one exact topic and no groups, needs no
+        // de-duplication.
+        if self.wildcard.is_empty() && groups.is_empty() {
+            return exact.map_or(0, |subs| push_all(&subs.plain, message, None));
+        }
+        self.seen.clear();
+        let seen = &mut self.seen;
+        let mut delivered = 0;
+        if let Some(subs) = exact {
+            delivered += push_all(&subs.plain, message, Some(seen));
+        }
+        for (pattern, subs) in &self.wildcard {
+            if !subs.plain.is_empty() && pattern.matches(&message.topic) {
+                delivered += push_all(&subs.plain, message, Some(seen));
+            }
+        }
+        for key in groups {
+            let Some(group) = &key.group else { continue };
+            let subscribers = match key.pattern.as_topic() {
+                Some(topic) => self.exact.get_mut(&topic),
+                None => self.wildcard.get_mut(&key.pattern),
+            };
+            let Some(members) = subscribers.and_then(|s| s.groups.get_mut(group)) else {
+                continue;
+            };
+            delivered += push_to_one(members, message, seen);
+        }
+        delivered
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty()
+    }
+}
+
+fn push_one(session: &SessionHandle, message: &Sequenced) -> bool {
+    let queued = session.push(message.encoded(session.codec).clone()) == Pushed::Queued;
+    if queued {
+        METRICS.messages_out.inc();
+    }
+    queued
+}
+
+fn push_all(
+    sessions: &[SessionHandle],
+    message: &Sequenced,
+    mut seen: Option<&mut HashSet<SessionId>>,
+) -> usize {
+    let mut delivered = 0;
+    for session in sessions {
+        if let Some(seen) = seen.as_deref_mut() {
+            if !seen.insert(session.id) {
+                continue;
+            }
+        }
+        delivered += usize::from(push_one(session, message));
+    }
+    delivered
+}
+
+/// Gives the message to the next member in turn that can take it. A member
+/// that already got it through another subscription counts as served.
+fn push_to_one(members: &mut Members, message: &Sequenced, seen: &mut HashSet<SessionId>) -> usize {
+    let count = members.sessions.len();
+    for _ in 0..count {
+        members.next = (members.next + 1) % count;
+        let member = &members.sessions[members.next];
+        if seen.contains(&member.id) {
+            return 0;
+        }
+        if member.is_closed() {
+            continue;
+        }
+        seen.insert(member.id);
+        return usize::from(push_one(member, message));
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{outbox, Outbox};
+    use protocol::{Codec, Data};
+    use std::sync::Arc;
+
+    fn key(pattern: &str, group: Option<&str>) -> SubKey {
+        SubKey {
+            pattern: Pattern::parse(pattern).expect("pattern"),
+            group: group.map(|g| GroupName::parse(g).expect("group")),
+        }
+    }
+
+    fn session(id: SessionId) -> (SessionHandle, Outbox) {
+        outbox(id, Codec::Json, 100, 1 << 20)
+    }
+
+    fn message(topic: &str, seq: u64) -> Sequenced {
+        Sequenced::new(
+            Topic::parse(topic).expect("topic"),
+            seq,
+            Arc::from("e"),
+            Data::null(),
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_session_gets_a_message_once_across_matching_subscriptions() {
+        let mut local = LocalSubscriptions::default();
+        let (s1, mut o1) = session(1);
+        assert_eq!(local.add(&key("a.b", None), s1.clone()), Change::First);
+        assert_eq!(local.add(&key("a.*", None), s1.clone()), Change::First);
+        assert_eq!(local.add(&key("a.>", None), s1.clone()), Change::First);
+        assert_eq!(local.add(&key("a.>", None), s1.clone()), Change::Unchanged);
+        assert_eq!(local.deliver(&message("a.b", 1), &[]), 1);
+        assert_eq!(o1.take().objects.len(), 1);
+    }
+
+    #[test]
+    fn groups_deliver_to_one_member_in_turn() {
+        let mut local = LocalSubscriptions::default();
+        let (s1, mut o1) = session(1);
+        let (s2, mut o2) = session(2);
+        let g = key("jobs.*", Some("workers"));
+        assert_eq!(local.add(&g, s1), Change::First);
+        assert_eq!(local.add(&g, s2), Change::Other);
+        for seq in 1..=4 {
+            assert_eq!(
+                local.deliver(&message("jobs.x", seq), std::slice::from_ref(&g)),
+                1
+            );
+        }
+        assert_eq!((o1.take().objects.len(), o2.take().objects.len()), (2, 2));
+        // Not assigned by the owner: nobody in the group gets it.
+        assert_eq!(local.deliver(&message("jobs.x", 5), &[]), 0);
+    }
+
+    #[test]
+    fn removal_reports_the_last_subscriber() {
+        let mut local = LocalSubscriptions::default();
+        let (s1, _o1) = session(1);
+        let (s2, _o2) = session(2);
+        let k = key("t", None);
+        local.add(&k, s1);
+        local.add(&k, s2);
+        assert_eq!(local.remove(&k, 1), Change::Other);
+        assert_eq!(local.remove(&k, 1), Change::Unchanged);
+        assert_eq!(local.remove(&k, 2), Change::Last);
+        assert!(local.is_empty());
+    }
+}

@@ -1,0 +1,155 @@
+//! The Herald node: a pub/sub broker that speaks the client contract over
+//! WebSocket and HTTP.
+//!
+//! Layers, from the client inwards:
+//! - [`client`]: the client port (WebSocket upgrade, HTTP publish);
+//! - [`session`]: one WebSocket session, writing through its [`outbox`];
+//! - [`router`]: the handle sessions use to reach the shards;
+//! - [`shard`]: tasks that own topics, combining the [`owner`] role
+//!   (sequencing, [`history`], interest) with local [`delivery`];
+//! - [`admin`], [`metrics`], [`telemetry`]: what operators see;
+//! - [`config`], [`lifecycle`], [`admission`], [`auth`], [`system`].
+
+pub mod admin;
+pub mod admission;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod delivery;
+pub mod history;
+pub mod lifecycle;
+pub mod metrics;
+pub mod outbox;
+pub mod owner;
+pub mod router;
+pub mod session;
+pub mod shard;
+pub mod system;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::admin::AdminContext;
+use crate::admission::Admission;
+use crate::auth::{Auth, AuthError};
+use crate::client::ClientContext;
+use crate::config::Config;
+use crate::lifecycle::{Lifecycle, Phase};
+use crate::owner::{NodeId, OwnerLimits};
+use crate::router::Router;
+
+/// How long closing sessions get to say goodbye before the process exits.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+/// Runs the node until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config) -> Result<(), NodeError> {
+    let node_id: NodeId = Arc::from(config.node.id.as_str());
+    // The generation tells a restarted node from its previous life.
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    system::raise_fd_limit(config.client.max_connections);
+
+    let auth = Auth::from_config(&config.auth)?;
+    if auth.is_none() {
+        warn!("auth is off: any client may publish and subscribe to any topic (set auth.hs256_secret or auth.rs256_public_key)");
+    }
+    let shards = config.shards();
+    let router = Router::start(
+        node_id.clone(),
+        shards,
+        OwnerLimits {
+            history_messages: config.history.max_messages,
+            history_age: config.history.max_age,
+        },
+    );
+    let lifecycle = Lifecycle::new();
+    let admission = Admission::new(
+        config.client.max_connections,
+        config.client.admission_threshold,
+        config.client.admission_rate,
+    );
+
+    let client_listener = bind("client", config.client.listen).await?;
+    let admin_listener = bind("admin", config.admin.listen).await?;
+    let client_addr = client_listener.local_addr().unwrap_or(config.client.listen);
+    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+
+    let admin = Arc::new(AdminContext {
+        node_id: node_id.clone(),
+        generation,
+        client_addr: client_addr.to_string(),
+        admin_addr: admin_addr.to_string(),
+        cluster_addr: config.cluster.listen.to_string(),
+        vnodes: config.cluster.vnodes,
+        lifecycle: lifecycle.clone(),
+        admission: admission.clone(),
+        router: router.clone(),
+    });
+    tokio::spawn(admin::serve(admin_listener, admin));
+
+    let clients = Arc::new(ClientContext {
+        limits: config.client.clone(),
+        router,
+        admission: admission.clone(),
+        auth,
+        lifecycle: lifecycle.clone(),
+        panic_topic: config.testing.panic_topic.clone(),
+    });
+    tokio::spawn(client::serve(client_listener, clients));
+    info!(
+        node_id = %node_id,
+        client = %client_addr,
+        admin = %admin_addr,
+        shards,
+        "herald is ready"
+    );
+
+    let signal = lifecycle::shutdown_signal()
+        .await
+        .map_err(NodeError::Signals)?;
+    drain(&lifecycle, &admission, config.node.drain_grace, signal).await;
+    Ok(())
+}
+
+/// Stops taking clients, gives open sessions the grace period, then closes
+/// them with 1001 and waits (bounded) for them to finish.
+async fn drain(lifecycle: &Lifecycle, admission: &Admission, grace: Duration, signal: &str) {
+    info!(signal, grace = ?grace, sessions = admission.active(), "draining");
+    lifecycle.set(Phase::Draining);
+    let deadline = Instant::now() + grace;
+    while admission.active() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lifecycle.set(Phase::Closing);
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    while admission.active() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    info!(remaining = admission.active(), "stopped");
+}

@@ -1,0 +1,43 @@
+//! The `herald` binary: parses the configuration, starts the runtime and
+//! runs the node until it is told to stop.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use node::config::{Cli, Command, Config};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None | Some(Command::Run) => {}
+    }
+    let config = match Config::load(&cli.settings) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    node::telemetry::init_logging(config.log.format);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "herald stopped with an error");
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("herald-worker");
+    if let Some(threads) = config.node.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.build()?;
+    runtime.block_on(node::run(config))?;
+    // Tasks still parked on sockets are dropped with the runtime.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}

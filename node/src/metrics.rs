@@ -1,0 +1,304 @@
+//! Process-wide counters and gauges, rendered in the Prometheus text format.
+//!
+//! Plain atomics in one static: the hot path pays one relaxed add per event,
+//! and no label set can grow with traffic (close codes and reasons are fixed
+//! lists).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use protocol::Codec;
+
+pub static METRICS: Metrics = Metrics::new();
+
+/// A counter that only rises.
+#[derive(Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    const fn new() -> Self {
+        Counter(AtomicU64::new(0))
+    }
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that rises and falls.
+#[derive(Debug)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    const fn new() -> Self {
+        Gauge(AtomicI64::new(0))
+    }
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn dec(&self) {
+        self.add(-1);
+    }
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// WebSocket close codes the node sends, as metric labels.
+pub const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1008, 1009, 1011, 1013, 4001];
+/// Close codes beyond the first list.
+pub const MORE_CLOSE_CODES: [u16; 2] = [4002, 0];
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy)]
+pub enum Rejection {
+    ConnectionLimit,
+    AdmissionRate,
+    Draining,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub connections_by_codec: [Gauge; 2],
+    pub connects: Counter,
+    /// Indexed like `CLOSE_CODES` followed by `MORE_CLOSE_CODES`; code 0
+    /// stands for "the connection ended without a close frame".
+    disconnects: [Counter; 10],
+    rejections: [Counter; 3],
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub slow_consumers: Counter,
+    pub subscriptions: Gauge,
+    pub topics: Gauge,
+    pub history_messages: Gauge,
+    pub session_panics: Counter,
+    pub http_publishes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub const fn new() -> Self {
+        Metrics {
+            connections: Gauge::new(),
+            connections_by_codec: [Gauge::new(), Gauge::new()],
+            connects: Counter::new(),
+            disconnects: [const { Counter::new() }; 10],
+            rejections: [const { Counter::new() }; 3],
+            messages_in: Counter::new(),
+            messages_out: Counter::new(),
+            bytes_in: Counter::new(),
+            bytes_out: Counter::new(),
+            slow_consumers: Counter::new(),
+            subscriptions: Gauge::new(),
+            topics: Gauge::new(),
+            history_messages: Gauge::new(),
+            session_panics: Counter::new(),
+            http_publishes: Counter::new(),
+        }
+    }
+
+    pub fn codec_connections(&self, codec: Codec) -> &Gauge {
+        &self.connections_by_codec[codec_index(codec)]
+    }
+
+    /// Counts a session's end by the close code it ended with (`None`: no
+    /// close frame).
+    pub fn disconnected(&self, code: Option<u16>) {
+        let code = code.unwrap_or(0);
+        let index = all_close_codes()
+            .position(|c| c == code)
+            // Unlisted codes (a client's own) count as "no close frame" would
+            // be wrong; they count under 1000, a normal close.
+            .unwrap_or(0);
+        self.disconnects[index].inc();
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        self.rejections[why as usize].inc();
+    }
+
+    pub fn rejections(&self, why: Rejection) -> u64 {
+        self.rejections[why as usize].get()
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        gauge(
+            &mut out,
+            "herald_connections",
+            "Open client sessions.",
+            self.connections.get(),
+        );
+        header(
+            &mut out,
+            "herald_connections_by_codec",
+            "gauge",
+            "Open client sessions by codec.",
+        );
+        for codec in Codec::ALL {
+            let _ = writeln!(
+                out,
+                "herald_connections_by_codec{{codec=\"{}\"}} {}",
+                codec.name(),
+                self.codec_connections(codec).get()
+            );
+        }
+        counter(
+            &mut out,
+            "herald_connects_total",
+            "Client sessions opened.",
+            self.connects.get(),
+        );
+        header(
+            &mut out,
+            "herald_disconnects_total",
+            "counter",
+            "Client sessions ended, by close code (0: no close frame).",
+        );
+        for (code, counter) in all_close_codes().zip(&self.disconnects) {
+            let _ = writeln!(
+                out,
+                "herald_disconnects_total{{code=\"{code}\"}} {}",
+                counter.get()
+            );
+        }
+        header(
+            &mut out,
+            "herald_admission_rejections_total",
+            "counter",
+            "Connections refused, by reason.",
+        );
+        for (reason, why) in [
+            ("connection_limit", Rejection::ConnectionLimit),
+            ("admission_rate", Rejection::AdmissionRate),
+            ("draining", Rejection::Draining),
+        ] {
+            let _ = writeln!(
+                out,
+                "herald_admission_rejections_total{{reason=\"{reason}\"}} {}",
+                self.rejections(why)
+            );
+        }
+        counter(
+            &mut out,
+            "herald_messages_in_total",
+            "Messages published to this node.",
+            self.messages_in.get(),
+        );
+        counter(
+            &mut out,
+            "herald_messages_out_total",
+            "Messages delivered to client sessions.",
+            self.messages_out.get(),
+        );
+        counter(
+            &mut out,
+            "herald_bytes_in_total",
+            "Payload bytes published to this node.",
+            self.bytes_in.get(),
+        );
+        counter(
+            &mut out,
+            "herald_bytes_out_total",
+            "Bytes written to client sessions.",
+            self.bytes_out.get(),
+        );
+        counter(
+            &mut out,
+            "herald_slow_consumers_total",
+            "Sessions closed as slow consumers (4001).",
+            self.slow_consumers.get(),
+        );
+        gauge(
+            &mut out,
+            "herald_subscriptions",
+            "Subscriptions of this node's sessions.",
+            self.subscriptions.get(),
+        );
+        gauge(
+            &mut out,
+            "herald_topics",
+            "Topics this node owns.",
+            self.topics.get(),
+        );
+        gauge(
+            &mut out,
+            "herald_history_messages",
+            "Messages held in topic histories.",
+            self.history_messages.get(),
+        );
+        counter(
+            &mut out,
+            "herald_session_panics_total",
+            "Sessions ended by a panic in their handler.",
+            self.session_panics.get(),
+        );
+        counter(
+            &mut out,
+            "herald_http_publishes_total",
+            "Messages published over HTTP.",
+            self.http_publishes.get(),
+        );
+        out
+    }
+}
+
+fn codec_index(codec: Codec) -> usize {
+    match codec {
+        Codec::Json => 0,
+        Codec::Msgpack => 1,
+    }
+}
+
+fn all_close_codes() -> impl Iterator<Item = u16> {
+    CLOSE_CODES.into_iter().chain(MORE_CLOSE_CODES)
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
+    header(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.connects.inc();
+        m.disconnected(Some(4001));
+        m.disconnected(None);
+        let text = m.render();
+        assert!(text.contains("herald_connects_total 1\n"));
+        assert!(text.contains("herald_disconnects_total{code=\"4001\"} 1\n"));
+        assert!(text.contains("herald_disconnects_total{code=\"0\"} 1\n"));
+        assert!(text.contains("# TYPE herald_connections gauge\n"));
+    }
+}

@@ -1,0 +1,257 @@
+//! A session's outbound queue: what the node has to send to one client.
+//!
+//! Shards push encoded objects without ever waiting; the session's writer
+//! takes everything queued at once and sends it as one frame. A push onto a
+//! full queue marks the session a slow consumer and asks it to close with
+//! 4001. The queue holds no memory while empty, which keeps idle sessions
+//! small.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use protocol::Codec;
+use tokio::sync::Notify;
+
+use crate::metrics::METRICS;
+
+/// Process-unique id of a client session.
+pub type SessionId = u64;
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+pub fn next_session_id() -> SessionId {
+    NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// WebSocket close codes the node uses.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const SLOW_CONSUMER: u16 = 4001;
+    pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+}
+
+/// What happened to a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The session is gone or closing; the push was dropped.
+    Closed,
+    /// The queue was full: the session is now closing with 4001.
+    SlowConsumer,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Bytes>,
+    bytes: usize,
+    close: Option<u16>,
+    writer_gone: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer: something was queued or a close was asked for.
+    ready: Arc<Notify>,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue
+        // inconsistent (every update is a single push or swap).
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The sending side, cloned into every subscription of the session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub codec: Codec,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, owned by the session's writer.
+#[derive(Debug)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+    spare: VecDeque<Bytes>,
+}
+
+/// Creates a session's queue.
+pub fn outbox(
+    id: SessionId,
+    codec: Codec,
+    max_items: usize,
+    max_bytes: usize,
+) -> (SessionHandle, Outbox) {
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue::default()),
+        ready: Arc::new(Notify::new()),
+        max_items,
+        max_bytes,
+    });
+    (
+        SessionHandle {
+            id,
+            codec,
+            shared: shared.clone(),
+        },
+        Outbox {
+            shared,
+            spare: VecDeque::new(),
+        },
+    )
+}
+
+impl SessionHandle {
+    /// Queues an encoded object for the client.
+    pub fn push(&self, object: Bytes) -> Pushed {
+        let mut queue = self.shared.lock();
+        if queue.close.is_some() || queue.writer_gone {
+            return Pushed::Closed;
+        }
+        let len = object.len();
+        // An empty queue takes one item of any size, so a single large
+        // message is never a slow consumer by itself.
+        let over = !queue.items.is_empty()
+            && (queue.items.len() >= self.shared.max_items
+                || queue.bytes + len > self.shared.max_bytes);
+        if over {
+            queue.close = Some(close_code::SLOW_CONSUMER);
+            drop(queue);
+            METRICS.slow_consumers.inc();
+            self.shared.ready.notify_one();
+            return Pushed::SlowConsumer;
+        }
+        queue.items.push_back(object);
+        queue.bytes += len;
+        drop(queue);
+        // Notifying on every push (not only on empty -> non-empty) costs one
+        // atomic when a wake-up is already pending, and a lost wake-up can
+        // never strand a queue.
+        self.shared.ready.notify_one();
+        Pushed::Queued
+    }
+
+    /// Asks the session to close with `code` (the first request wins).
+    pub fn close(&self, code: u16) {
+        let mut queue = self.shared.lock();
+        if queue.close.is_none() {
+            queue.close = Some(code);
+            drop(queue);
+            self.shared.ready.notify_one();
+        }
+    }
+
+    /// True once the session has ended or is closing.
+    pub fn is_closed(&self) -> bool {
+        let queue = self.shared.lock();
+        queue.close.is_some() || queue.writer_gone
+    }
+
+    pub fn same_session(&self, other: &SessionHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+/// What the writer took from the queue.
+pub struct Taken<'a> {
+    pub objects: &'a mut VecDeque<Bytes>,
+    pub close: Option<u16>,
+}
+
+impl Outbox {
+    /// The writer's wake-up: notified whenever something is queued or a
+    /// close is asked for.
+    pub fn ready_signal(&self) -> Arc<Notify> {
+        self.shared.ready.clone()
+    }
+
+    /// Takes everything queued, in order, plus any close request. The
+    /// objects stay borrowed so their buffer is reused for the next batch.
+    pub fn take(&mut self) -> Taken<'_> {
+        self.spare.clear();
+        let mut queue = self.shared.lock();
+        std::mem::swap(&mut queue.items, &mut self.spare);
+        queue.bytes = 0;
+        let close = queue.close;
+        drop(queue);
+        // Keep a buffer that a burst grew only while it is in use.
+        if self.spare.is_empty() && self.spare.capacity() > 64 {
+            self.spare = VecDeque::new();
+        }
+        Taken {
+            objects: &mut self.spare,
+            close,
+        }
+    }
+
+    /// Asks for a close from the session itself (the first request wins).
+    pub fn close(&self, code: u16) {
+        let mut queue = self.shared.lock();
+        if queue.close.is_none() {
+            queue.close = Some(code);
+        }
+    }
+
+    pub fn close_requested(&self) -> Option<u16> {
+        self.shared.lock().close
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let mut queue = self.shared.lock();
+        queue.writer_gone = true;
+        queue.items.clear();
+        queue.bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_queue_is_a_slow_consumer_once() {
+        let (handle, mut outbox) = outbox(1, Codec::Json, 2, 1 << 20);
+        assert_eq!(handle.push(Bytes::from_static(b"a")), Pushed::Queued);
+        assert_eq!(handle.push(Bytes::from_static(b"b")), Pushed::Queued);
+        assert_eq!(handle.push(Bytes::from_static(b"c")), Pushed::SlowConsumer);
+        assert_eq!(handle.push(Bytes::from_static(b"d")), Pushed::Closed);
+        let taken = outbox.take();
+        assert_eq!(taken.objects.len(), 2);
+        assert_eq!(taken.close, Some(close_code::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn byte_limit_allows_one_large_item() {
+        let (handle, mut outbox) = outbox(1, Codec::Json, 100, 4);
+        assert_eq!(
+            handle.push(Bytes::from_static(b"0123456789")),
+            Pushed::Queued
+        );
+        assert_eq!(handle.push(Bytes::from_static(b"x")), Pushed::SlowConsumer);
+        assert_eq!(outbox.take().objects.len(), 1);
+    }
+
+    #[test]
+    fn pushes_after_the_writer_is_gone_are_dropped() {
+        let (handle, outbox) = outbox(1, Codec::Json, 2, 100);
+        drop(outbox);
+        assert_eq!(handle.push(Bytes::from_static(b"a")), Pushed::Closed);
+        assert!(handle.is_closed());
+    }
+}

@@ -1,0 +1,447 @@
+//! The topic owner: the one place a topic's messages are sequenced.
+//!
+//! For each topic it owns, the owner keeps the epoch and the last seq, the
+//! bounded history, and the interest table: which nodes have subscribers
+//! (plain, or members of which queue groups). Wildcard interest is kept per
+//! pattern and consulted for every topic. The owner decides, per message,
+//! which nodes get it and which node serves each matching group; it never
+//! sees a session. In a cluster, other nodes reach it across the network with
+//! the same requests.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use protocol::{Codec, Data, GroupName, MsgView, Pattern, Topic, TraceParent};
+
+use crate::history::History;
+use crate::metrics::METRICS;
+
+/// A node's id, as gossiped and shown in `/v1/cluster`.
+pub type NodeId = Arc<str>;
+
+/// A message its owner has sequenced: what every subscriber receives. The
+/// encoded form is made at most once per codec and shared by all sessions.
+#[derive(Debug)]
+pub struct Sequenced {
+    pub topic: Topic,
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    pub data: Data,
+    pub trace: Option<TraceParent>,
+    pub tracestate: Option<String>,
+    encoded: [OnceLock<Bytes>; 2],
+}
+
+impl Sequenced {
+    pub fn new(
+        topic: Topic,
+        seq: u64,
+        epoch: Arc<str>,
+        data: Data,
+        trace: Option<TraceParent>,
+        tracestate: Option<String>,
+    ) -> Sequenced {
+        Sequenced {
+            topic,
+            seq,
+            epoch,
+            data,
+            trace,
+            tracestate,
+            encoded: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// The `msg` object for `codec`, encoded on first use.
+    pub fn encoded(&self, codec: Codec) -> &Bytes {
+        let slot = match codec {
+            Codec::Json => &self.encoded[0],
+            Codec::Msgpack => &self.encoded[1],
+        };
+        slot.get_or_init(|| {
+            codec.encode_msg(&MsgView {
+                topic: self.topic.as_str(),
+                seq: self.seq,
+                data: &self.data,
+                trace: self.trace.as_ref(),
+                tracestate: self.tracestate.as_deref(),
+            })
+        })
+    }
+}
+
+/// A subscription as interest is counted: a pattern and, for a queue group,
+/// its name. A group is keyed by both.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubKey {
+    pub pattern: Pattern,
+    pub group: Option<GroupName>,
+}
+
+/// Where one message goes: a node, and the groups that node serves for it.
+#[derive(Debug)]
+pub struct Route {
+    pub node: NodeId,
+    pub groups: Vec<SubKey>,
+}
+
+/// What a subscriber learns when its exact subscription starts.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    /// Present when `since` was given: does `replay` hold every message
+    /// after it?
+    pub recovered: Option<bool>,
+    pub replay: Vec<Arc<Sequenced>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OwnerLimits {
+    pub history_messages: usize,
+    pub history_age: Duration,
+}
+
+/// Nodes with interest in one key; groups pick among them in turn.
+#[derive(Debug, Default)]
+struct Nodes {
+    nodes: Vec<NodeId>,
+    next: usize,
+}
+
+impl Nodes {
+    fn add(&mut self, node: &NodeId) {
+        if !self.nodes.contains(node) {
+            self.nodes.push(node.clone());
+        }
+    }
+
+    fn remove(&mut self, node: &NodeId) {
+        self.nodes.retain(|n| n != node);
+    }
+
+    fn pick(&mut self) -> Option<&NodeId> {
+        if self.nodes.is_empty() {
+            return None;
+        }
+        self.next = (self.next + 1) % self.nodes.len();
+        self.nodes.get(self.next)
+    }
+}
+
+#[derive(Debug)]
+struct OwnedTopic {
+    seq: u64,
+    epoch: Arc<str>,
+    history: History,
+    /// Exact-topic interest: plain (`None`) and per group.
+    interest: HashMap<Option<GroupName>, Nodes>,
+}
+
+/// Owner state for the topics of one shard.
+#[derive(Debug)]
+pub struct TopicOwner {
+    limits: OwnerLimits,
+    topics: HashMap<Topic, OwnedTopic>,
+    wildcards: HashMap<SubKey, Nodes>,
+}
+
+impl TopicOwner {
+    pub fn new(limits: OwnerLimits) -> TopicOwner {
+        TopicOwner {
+            limits,
+            topics: HashMap::new(),
+            wildcards: HashMap::new(),
+        }
+    }
+
+    fn topic_mut(&mut self, topic: &Topic) -> &mut OwnedTopic {
+        self.topics.entry(topic.clone()).or_insert_with(|| {
+            METRICS.topics.inc();
+            OwnedTopic {
+                seq: 0,
+                epoch: new_epoch(),
+                history: History::default(),
+                interest: HashMap::new(),
+            }
+        })
+    }
+
+    /// Sequences a message and says where it goes.
+    pub fn publish(
+        &mut self,
+        topic: Topic,
+        data: Data,
+        trace: Option<TraceParent>,
+        tracestate: Option<String>,
+        now: Instant,
+    ) -> (Arc<Sequenced>, Vec<Route>) {
+        let limits = self.limits.clone();
+        let owned = self.topic_mut(&topic);
+        owned.seq += 1;
+        let message = Arc::new(Sequenced::new(
+            topic,
+            owned.seq,
+            owned.epoch.clone(),
+            data,
+            trace,
+            tracestate,
+        ));
+        let change = owned.history.push(
+            message.clone(),
+            now,
+            limits.history_messages,
+            limits.history_age,
+        );
+        METRICS.history_messages.add(change);
+
+        let mut routes: Vec<Route> = Vec::new();
+        fn route_for<'a>(routes: &'a mut Vec<Route>, node: &NodeId) -> &'a mut Route {
+            let at = match routes.iter().position(|r| r.node == *node) {
+                Some(at) => at,
+                None => {
+                    routes.push(Route {
+                        node: node.clone(),
+                        groups: Vec::new(),
+                    });
+                    routes.len() - 1
+                }
+            };
+            &mut routes[at]
+        }
+        let topic = &message.topic;
+        for (group, nodes) in owned.interest.iter_mut() {
+            match group {
+                None => nodes.nodes.iter().for_each(|n| {
+                    route_for(&mut routes, n);
+                }),
+                Some(group) => {
+                    if let Some(node) = nodes.pick() {
+                        route_for(&mut routes, node).groups.push(SubKey {
+                            pattern: Pattern::from(topic.clone()),
+                            group: Some(group.clone()),
+                        });
+                    }
+                }
+            }
+        }
+        for (key, nodes) in self.wildcards.iter_mut() {
+            if !key.pattern.matches(topic) {
+                continue;
+            }
+            match &key.group {
+                None => nodes.nodes.iter().for_each(|n| {
+                    route_for(&mut routes, n);
+                }),
+                Some(_) => {
+                    if let Some(node) = nodes.pick() {
+                        route_for(&mut routes, node).groups.push(key.clone());
+                    }
+                }
+            }
+        }
+        (message, routes)
+    }
+
+    /// Records that `node` has subscribers for `key`.
+    pub fn add_interest(&mut self, node: &NodeId, key: &SubKey) {
+        match key.pattern.as_topic() {
+            Some(topic) => self
+                .topic_mut(&topic)
+                .interest
+                .entry(key.group.clone())
+                .or_default()
+                .add(node),
+            None => self.wildcards.entry(key.clone()).or_default().add(node),
+        }
+    }
+
+    /// Records that `node` no longer has subscribers for `key`.
+    pub fn remove_interest(&mut self, node: &NodeId, key: &SubKey) {
+        match key.pattern.as_topic() {
+            Some(topic) => {
+                if let Some(owned) = self.topics.get_mut(&topic) {
+                    if let Some(nodes) = owned.interest.get_mut(&key.group) {
+                        nodes.remove(node);
+                        if nodes.nodes.is_empty() {
+                            owned.interest.remove(&key.group);
+                        }
+                    }
+                }
+            }
+            None => {
+                if let Some(nodes) = self.wildcards.get_mut(key) {
+                    nodes.remove(node);
+                    if nodes.nodes.is_empty() {
+                        self.wildcards.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The state a new exact subscriber starts from, with the messages it
+    /// missed when it gave `since` (and the epoch it knew).
+    pub fn snapshot(&mut self, topic: &Topic, since: Option<u64>, epoch: Option<&str>) -> Snapshot {
+        let owned = self.topic_mut(topic);
+        let mut snapshot = Snapshot {
+            seq: owned.seq,
+            epoch: owned.epoch.clone(),
+            recovered: None,
+            replay: Vec::new(),
+        };
+        let Some(since) = since else {
+            return snapshot;
+        };
+        let same_epoch = epoch.is_none_or(|e| *e == *owned.epoch);
+        if !same_epoch || since > owned.seq {
+            snapshot.recovered = Some(false);
+            return snapshot;
+        }
+        snapshot.replay = owned.history.after(since).cloned().collect();
+        let complete = match snapshot.replay.first() {
+            Some(first) => first.seq == since + 1,
+            None => since == owned.seq,
+        };
+        snapshot.recovered = Some(complete);
+        snapshot
+    }
+
+    /// Ages out history and forgets topics with no history and no interest
+    /// (their next message starts a new epoch).
+    pub fn sweep(&mut self, now: Instant) {
+        let age = self.limits.history_age;
+        let mut expired = 0usize;
+        let before = self.topics.len();
+        self.topics.retain(|_, owned| {
+            expired += owned.history.expire(now, age);
+            !owned.history.is_empty() || !owned.interest.is_empty()
+        });
+        METRICS.history_messages.add(-(expired as i64));
+        METRICS.topics.add(-((before - self.topics.len()) as i64));
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+}
+
+impl Drop for TopicOwner {
+    fn drop(&mut self) {
+        let held: usize = self.topics.values().map(|t| t.history.len()).sum();
+        METRICS.history_messages.add(-(held as i64));
+        METRICS.topics.add(-(self.topics.len() as i64));
+    }
+}
+
+/// A fresh epoch: unique per topic incarnation across restarts and nodes.
+fn new_epoch() -> Arc<str> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    Arc::from(format!("{:016x}", hasher.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner() -> TopicOwner {
+        TopicOwner::new(OwnerLimits {
+            history_messages: 3,
+            history_age: Duration::from_secs(60),
+        })
+    }
+
+    fn key(pattern: &str, group: Option<&str>) -> SubKey {
+        SubKey {
+            pattern: Pattern::parse(pattern).expect("pattern"),
+            group: group.map(|g| GroupName::parse(g).expect("group")),
+        }
+    }
+
+    fn topic(s: &str) -> Topic {
+        Topic::parse(s).expect("topic")
+    }
+
+    fn publish(owner: &mut TopicOwner, t: &str) -> (Arc<Sequenced>, Vec<Route>) {
+        owner.publish(topic(t), Data::null(), None, None, Instant::now())
+    }
+
+    #[test]
+    fn seq_rises_by_one_per_topic() {
+        let mut o = owner();
+        assert_eq!(publish(&mut o, "a").0.seq, 1);
+        assert_eq!(publish(&mut o, "a").0.seq, 2);
+        assert_eq!(publish(&mut o, "b").0.seq, 1);
+    }
+
+    #[test]
+    fn routes_only_to_interested_nodes_and_one_per_group() {
+        let mut o = owner();
+        let (n1, n2): (NodeId, NodeId) = (Arc::from("n1"), Arc::from("n2"));
+        assert!(publish(&mut o, "a.b").1.is_empty());
+        o.add_interest(&n1, &key("a.b", None));
+        o.add_interest(&n1, &key("a.*", Some("g")));
+        o.add_interest(&n2, &key("a.*", Some("g")));
+        let mut group_nodes = Vec::new();
+        for _ in 0..4 {
+            let routes = publish(&mut o, "a.b").1;
+            let with_group: Vec<&Route> = routes.iter().filter(|r| !r.groups.is_empty()).collect();
+            assert_eq!(with_group.len(), 1, "exactly one node serves the group");
+            group_nodes.push(with_group[0].node.clone());
+            assert!(routes.iter().any(|r| r.node == n1));
+        }
+        assert!(group_nodes.contains(&n1) && group_nodes.contains(&n2));
+        o.remove_interest(&n1, &key("a.b", None));
+        o.remove_interest(&n1, &key("a.*", Some("g")));
+        o.remove_interest(&n2, &key("a.*", Some("g")));
+        assert!(publish(&mut o, "a.b").1.is_empty());
+    }
+
+    #[test]
+    fn snapshot_replays_after_since() {
+        let mut o = owner();
+        let t = topic("t");
+        let epoch = o.snapshot(&t, None, None).epoch;
+        for _ in 0..5 {
+            publish(&mut o, "t");
+        }
+        let s = o.snapshot(&t, Some(3), Some(&epoch));
+        assert_eq!((s.seq, s.recovered), (5, Some(true)));
+        assert_eq!(
+            s.replay.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        // History holds 3..=5: since 1 misses seq 2.
+        let s = o.snapshot(&t, Some(1), Some(&epoch));
+        assert_eq!(s.recovered, Some(false));
+        assert_eq!(s.replay.len(), 3);
+        assert_eq!(o.snapshot(&t, Some(5), Some(&epoch)).recovered, Some(true));
+        assert_eq!(o.snapshot(&t, Some(6), Some(&epoch)).recovered, Some(false));
+        let other = o.snapshot(&t, Some(4), Some("other"));
+        assert_eq!((other.recovered, other.replay.len()), (Some(false), 0));
+    }
+
+    #[test]
+    fn sweep_forgets_idle_topics_and_starts_a_new_epoch() {
+        let mut o = TopicOwner::new(OwnerLimits {
+            history_messages: 3,
+            history_age: Duration::from_millis(0),
+        });
+        let (first, _) = publish(&mut o, "t");
+        o.sweep(Instant::now() + Duration::from_millis(5));
+        assert_eq!(o.topic_count(), 0);
+        let (next, _) = publish(&mut o, "t");
+        assert_eq!(next.seq, 1);
+        assert_ne!(next.epoch, first.epoch);
+    }
+}
