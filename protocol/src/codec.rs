@@ -209,6 +209,16 @@ mod tests {
     }
 
     #[test]
+    fn pub_id_is_optional_but_must_be_a_u64_when_given() {
+        let results = decode_frame(
+            Codec::Json,
+            br#"[{"op":"pub","id":-5,"topic":"a","data":1},{"op":"pub","id":null,"topic":"a","data":1}]"#,
+        );
+        assert_eq!(results[0].as_ref().map_err(|e| e.id), Err(None));
+        assert!(matches!(results[1], Ok(Request::Pub { id: None, .. })));
+    }
+
+    #[test]
     fn msgpack_requests_decode_with_binary_data() {
         let mut frame = Vec::new();
         rmp::encode::write_map_len(&mut frame, 4).expect("vec");

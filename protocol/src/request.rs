@@ -231,6 +231,11 @@ fn interpret<V: FieldValue>(fields: Fields<V>) -> Result<Request, RequestError> 
             })
         }
         "pub" => {
+            // The id is optional on `pub`, but one that is there and not a
+            // u64 is an error: the client asked for an ack it cannot get.
+            if id.is_none() && fields.id.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(RequestError::bad(None, "`pub` `id` must be a u64"));
+            }
             let text = topic_text()?;
             let topic =
                 Topic::parse(&text).map_err(|e| RequestError::new(id, e.code(), e.to_string()))?;

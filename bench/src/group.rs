@@ -1,0 +1,275 @@
+//! A group of fan-out subscribers, run inside one child process.
+//!
+//! The group connects its share of subscribers, reports `READY` once every
+//! subscription is confirmed, keeps reading while the parent publishes, and
+//! after the parent's `DONE` waits until every subscriber has all messages
+//! (or deliveries stop for the drain timeout), then reports `RESULT`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::clock::now_ns;
+use crate::session::{AnySubscriber, FrameOutcome, SubscriberConn, SubscriberSettings};
+use crate::stats::{new_histogram, DeliveryTally, DeliveryTracker, HistogramData, SharedHistogram};
+use crate::worker::ParentLink;
+use crate::ws::{self, BufferProfile};
+
+/// What one fan-out child does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FanoutGroupSpec {
+    pub settings: SubscriberSettings,
+    pub urls: Vec<String>,
+    pub topic: String,
+    /// Index of this group's first subscriber among all (for spreading over URLs).
+    pub offset: usize,
+    pub count: usize,
+    /// Messages the publisher will send.
+    pub messages: u64,
+    pub connect_concurrency: usize,
+    /// The child exits by itself after this long.
+    pub deadline_secs: f64,
+}
+
+/// `READY`: how the subscriptions went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReadyReport {
+    pub subscribed: usize,
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
+/// `DONE`: the publisher finished.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct DoneCommand {
+    /// The last `seq` the publisher had acknowledged (Herald).
+    pub final_seq: Option<u64>,
+    /// Stop waiting when no delivery arrived for this long.
+    pub drain_timeout_ms: u64,
+}
+
+/// `RESULT`: the group's counts and latencies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub tally: DeliveryTally,
+    pub latency: HistogramData,
+}
+
+/// Told to every subscriber at the end.
+#[derive(Debug, Clone, Copy)]
+struct StopInfo {
+    final_seq: Option<u64>,
+}
+
+#[derive(Default)]
+struct Progress {
+    deliveries: AtomicU64,
+    /// Subscribers that have every message or whose connection ended.
+    settled: AtomicUsize,
+}
+
+/// Runs the group in a child process, talking to the parent through `link`.
+pub async fn run(spec: FanoutGroupSpec, link: &mut ParentLink) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(spec.deadline_secs);
+    let histogram: SharedHistogram = Arc::new(Mutex::new(new_histogram()));
+    let progress = Arc::new(Progress::default());
+    let (stop_tx, stop_rx) = watch::channel(None::<StopInfo>);
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(spec.count.max(1));
+    let connect_limit = Arc::new(Semaphore::new(spec.connect_concurrency.max(1)));
+
+    let mut tasks = Vec::with_capacity(spec.count);
+    for n in 0..spec.count {
+        let url = ws::url_for(&spec.urls, spec.offset + n).to_string();
+        tasks.push(tokio::spawn(subscriber_task(
+            SubscriberJob {
+                settings: spec.settings.clone(),
+                url,
+                topic: spec.topic.clone(),
+                messages: spec.messages,
+            },
+            connect_limit.clone(),
+            ready_tx.clone(),
+            stop_rx.clone(),
+            histogram.clone(),
+            progress.clone(),
+        )));
+    }
+    drop(ready_tx);
+
+    let mut ready = ReadyReport::default();
+    while ready.subscribed + ready.failed < spec.count {
+        match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => ready.subscribed += 1,
+            Ok(Some(Err(e))) => {
+                ready.failed += 1;
+                ready.first_error.get_or_insert(e);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    link.report("READY", &ready)?;
+
+    let done = loop {
+        match tokio::time::timeout_at(deadline, link.command()).await {
+            Ok(Ok(Some((tag, json)))) if tag == "DONE" => {
+                break Some(serde_json::from_str::<DoneCommand>(&json).context("bad DONE")?);
+            }
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break None,
+        }
+    };
+
+    if let Some(done) = done {
+        wait_for_drain(&progress, ready.subscribed, done.drain_timeout_ms, deadline).await;
+    }
+    let _ = stop_tx.send(Some(StopInfo {
+        final_seq: done.and_then(|d| d.final_seq),
+    }));
+
+    let mut tally = DeliveryTally::default();
+    for task in tasks {
+        match task.await {
+            Ok(Some(sub)) => tally.merge(&sub),
+            Ok(None) => {}
+            Err(e) => tally.note_error(format!("subscriber task failed: {e}")),
+        }
+    }
+    let latency = {
+        let histogram = histogram.lock().unwrap_or_else(PoisonError::into_inner);
+        HistogramData::from_histogram(&histogram)
+    };
+    link.report("RESULT", &GroupReport { tally, latency })?;
+    Ok(())
+}
+
+/// Returns when every subscriber settled, deliveries stopped for the drain
+/// timeout, or the deadline passed.
+async fn wait_for_drain(progress: &Progress, subscribed: usize, drain_ms: u64, deadline: Instant) {
+    let drain = Duration::from_millis(drain_ms);
+    let mut last = progress.deliveries.load(Ordering::Relaxed);
+    let mut last_change = Instant::now();
+    while Instant::now() < deadline {
+        if progress.settled.load(Ordering::Relaxed) >= subscribed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = progress.deliveries.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= drain {
+            return;
+        }
+    }
+}
+
+struct SubscriberJob {
+    settings: SubscriberSettings,
+    url: String,
+    topic: String,
+    messages: u64,
+}
+
+/// One subscriber: subscribe, then read until told to stop. `None` if it never subscribed.
+async fn subscriber_task(
+    job: SubscriberJob,
+    connect_limit: Arc<Semaphore>,
+    ready_tx: mpsc::Sender<Result<(), String>>,
+    mut stop_rx: watch::Receiver<Option<StopInfo>>,
+    histogram: SharedHistogram,
+    progress: Arc<Progress>,
+) -> Option<DeliveryTally> {
+    let opened = {
+        let _permit = connect_limit.acquire().await.ok()?;
+        AnySubscriber::open(
+            &job.settings,
+            &job.url,
+            &job.topic,
+            BufferProfile::Throughput,
+        )
+        .await
+    };
+    let mut conn = match opened {
+        Ok(conn) => {
+            let _ = ready_tx.send(Ok(())).await;
+            conn
+        }
+        Err(e) => {
+            let _ = ready_tx.send(Err(format!("{e:#}"))).await;
+            return None;
+        }
+    };
+    drop(ready_tx);
+
+    let mut tracker = DeliveryTracker::new(job.messages, conn.subscribed_at_seq(), histogram);
+    let mut batch = Vec::with_capacity(64);
+    let mut settled = false;
+    let mut ended: Option<Option<u16>> = None;
+    let mut error = None;
+    let mut server_errors = 0u64;
+    loop {
+        if let Some(_stop) = *stop_rx.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            changed = stop_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            outcome = conn.next_frame(&mut batch) => match outcome {
+                Ok(FrameOutcome::Data { server_errors: n }) => {
+                    let now = now_ns();
+                    let count = batch.len() as u64;
+                    for delivery in batch.drain(..) {
+                        tracker.record(delivery, now);
+                    }
+                    progress.deliveries.fetch_add(count, Ordering::Relaxed);
+                    server_errors += u64::from(n);
+                    if !settled && tracker.complete() {
+                        settled = true;
+                        progress.settled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(FrameOutcome::Closed { code }) => {
+                    ended = Some(code);
+                    break;
+                }
+                Err(e) => {
+                    error = Some(format!("{e:#}"));
+                    break;
+                }
+            },
+        }
+    }
+    if ended.is_some() || error.is_some() {
+        if !settled {
+            progress.settled.fetch_add(1, Ordering::Relaxed);
+        }
+        // Wait for the final seq so that seq loss is counted to the end.
+        while stop_rx.borrow_and_update().is_none() {
+            if stop_rx.changed().await.is_err() {
+                break;
+            }
+        }
+    } else {
+        conn.close().await;
+    }
+    let final_seq = stop_rx.borrow().and_then(|s| s.final_seq);
+    let mut tally = tracker.finish(final_seq);
+    tally.server_errors = server_errors;
+    if let Some(code) = ended {
+        tally.note_disconnect(code);
+    }
+    if let Some(e) = error {
+        tally.note_error(e);
+        tally.disconnected += 1;
+    }
+    Some(tally)
+}
