@@ -51,7 +51,7 @@ impl ClientContext {
         // tungstenite's defaults (128 KiB buffers per connection, unbounded
         // write buffer, 64 MiB messages) do not fit many idle sessions.
         WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
+            .read_buffer_size(1024)
             .write_buffer_size(0)
             .max_write_buffer_size(self.limits.outbound_queue_bytes.max(1 << 20) * 2)
             .max_message_size(Some(self.limits.max_message_bytes))
