@@ -4,8 +4,10 @@
 use base64::Engine;
 use bytes::Bytes;
 
-/// A message's `data`.
-#[derive(Clone, PartialEq, Eq)]
+/// A message's `data`. Between nodes it travels as a MessagePack enum whose
+/// payload is a `bin` (the bytes as they arrived; peers are authenticated
+/// Herald nodes, so the JSON is not re-validated on every hop).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Data {
     /// A JSON value, as (valid) JSON text.
     Json(Bytes),

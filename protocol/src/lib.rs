@@ -8,6 +8,7 @@ pub mod codec;
 pub mod data;
 pub mod error;
 pub mod limits;
+pub mod peer;
 pub mod reply;
 pub mod request;
 pub mod topic;

@@ -355,3 +355,24 @@ mod tests {
         }
     }
 }
+
+/// Topics, patterns and group names cross the wire as strings and are
+/// parsed (so validated) again when read.
+macro_rules! serde_as_parsed_str {
+    ($($ty:ty),*) => {$(
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                <$ty>::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+serde_as_parsed_str!(Topic, Pattern, GroupName);
