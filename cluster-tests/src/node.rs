@@ -409,6 +409,28 @@ impl Node {
         }
     }
 
+    /// Like [`Node::wait_metric`], for the samples of `name` whose label
+    /// `label` is `value`.
+    pub async fn wait_metric_labeled(
+        &self,
+        name: &str,
+        (label, value): (&str, &str),
+        timeout: Duration,
+        check: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.metrics().await?.labeled(name, label, value);
+            if check(seen) {
+                return Ok(seen);
+            }
+            if Instant::now() > deadline {
+                bail!("metric {name}{{{label}=\"{value}\"}} is {seen} after {timeout:?}, not as expected");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `POST /v1/publish/{topic_path}` with a content type (none if `None`).
     pub async fn http_publish(
         &self,
@@ -452,7 +474,9 @@ impl Drop for Node {
                 eprintln!("{line}");
             }
             eprintln!("---- end of log ----");
-        } else {
+        } else if std::env::var_os("HERALD_TEST_KEEP_LOGS").is_none() {
+            // A test that returns an error (rather than panicking) leaves
+            // nothing behind; set HERALD_TEST_KEEP_LOGS to keep the logs.
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

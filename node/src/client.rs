@@ -371,7 +371,7 @@ async fn publish(
         return unavailable();
     }
     match tokio::time::timeout(PUBLISH_TIMEOUT, acked).await {
-        Ok(Ok(acked)) => json_response(
+        Ok(Ok(Ok(acked))) => json_response(
             StatusCode::OK,
             &serde_json::json!({ "seq": acked.seq, "epoch": &*acked.epoch }),
         ),

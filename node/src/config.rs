@@ -51,6 +51,34 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker (the default).
     Run,
+    /// Make certificates for the cluster's mutual TLS (development, compose).
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Write a new cluster CA: DIR/ca.pem and DIR/ca-key.pem.
+    Ca {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a node certificate signed by the CA in --ca: DIR/ID.pem and DIR/ID-key.pem.
+    Node {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node id the certificate is for.
+        #[arg(long)]
+        name: String,
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS names or IP addresses for the certificate (repeatable).
+        #[arg(long = "san")]
+        extra_names: Vec<String>,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
@@ -153,10 +181,32 @@ pub struct Settings {
     /// Virtual nodes per member on the placement ring.
     #[arg(long = "cluster-vnodes", env = "HERALD_CLUSTER_VNODES")]
     pub cluster_vnodes: Option<usize>,
+    /// With seeds: how long to look for a live member before serving alone.
+    #[arg(long = "cluster-join-timeout", env = "HERALD_CLUSTER_JOIN_TIMEOUT", value_parser = duration)]
+    pub cluster_join_timeout: Option<Duration>,
+    /// A request to another node (publish ack, subscribe) fails with
+    /// `unavailable` after this long.
+    #[arg(long = "cluster-request-timeout", env = "HERALD_CLUSTER_REQUEST_TIMEOUT", value_parser = duration)]
+    pub cluster_request_timeout: Option<Duration>,
+    /// QUIC keep-alive between nodes.
+    #[arg(long = "cluster-keep-alive", env = "HERALD_CLUSTER_KEEP_ALIVE", value_parser = duration)]
+    pub cluster_keep_alive: Option<Duration>,
+    /// A QUIC connection silent this long is dead.
+    #[arg(long = "cluster-idle-timeout", env = "HERALD_CLUSTER_IDLE_TIMEOUT", value_parser = duration)]
+    pub cluster_idle_timeout: Option<Duration>,
 
     /// Gossip (membership) listener, UDP.
     #[arg(long = "gossip-listen", env = "HERALD_GOSSIP_LISTEN")]
     pub gossip_listen: Option<SocketAddr>,
+    /// Interval between gossip rounds.
+    #[arg(long = "gossip-interval", env = "HERALD_GOSSIP_INTERVAL", value_parser = duration)]
+    pub gossip_interval: Option<Duration>,
+    /// Phi-accrual threshold above which a member is considered dead.
+    #[arg(long = "gossip-phi-threshold", env = "HERALD_GOSSIP_PHI_THRESHOLD")]
+    pub gossip_phi_threshold: Option<f64>,
+    /// How long a dead member stays listed (as dead) before it is forgotten.
+    #[arg(long = "gossip-dead-grace", env = "HERALD_GOSSIP_DEAD_GRACE", value_parser = duration)]
+    pub gossip_dead_grace: Option<Duration>,
 
     /// Messages kept per topic for recovery.
     #[arg(long = "history-max-messages", env = "HERALD_HISTORY_MAX_MESSAGES")]
@@ -258,12 +308,25 @@ pub struct ClusterConfig {
     pub key: Option<PathBuf>,
     /// Virtual nodes per member on the placement ring.
     pub vnodes: usize,
+    #[serde(with = "duration_text")]
+    pub join_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub keep_alive: Duration,
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GossipConfig {
     pub listen: SocketAddr,
+    #[serde(with = "duration_text")]
+    pub interval: Duration,
+    pub phi_threshold: f64,
+    #[serde(with = "duration_text")]
+    pub dead_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +408,10 @@ impl Default for ClusterConfig {
             cert: None,
             key: None,
             vnodes: 160,
+            join_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(3),
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -353,6 +420,9 @@ impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig {
             listen: loopback(7402),
+            interval: Duration::from_millis(250),
+            phi_threshold: 8.0,
+            dead_grace: Duration::from_secs(60),
         }
     }
 }
@@ -468,7 +538,17 @@ impl Config {
         set_some(&mut self.cluster.cert, &s.cluster_cert);
         set_some(&mut self.cluster.key, &s.cluster_key);
         set(&mut self.cluster.vnodes, &s.cluster_vnodes);
+        set(&mut self.cluster.join_timeout, &s.cluster_join_timeout);
+        set(
+            &mut self.cluster.request_timeout,
+            &s.cluster_request_timeout,
+        );
+        set(&mut self.cluster.keep_alive, &s.cluster_keep_alive);
+        set(&mut self.cluster.idle_timeout, &s.cluster_idle_timeout);
         set(&mut self.gossip.listen, &s.gossip_listen);
+        set(&mut self.gossip.interval, &s.gossip_interval);
+        set(&mut self.gossip.phi_threshold, &s.gossip_phi_threshold);
+        set(&mut self.gossip.dead_grace, &s.gossip_dead_grace);
         set(&mut self.history.max_messages, &s.history_max_messages);
         set(&mut self.history.max_age, &s.history_max_age);
         set_some(&mut self.auth.hs256_secret, &s.auth_hs256_secret);
@@ -508,15 +588,40 @@ impl Config {
         if self.auth.hs256_secret.is_some() && self.auth.rs256_public_key.is_some() {
             return invalid("auth", "set hs256_secret or rs256_public_key, not both");
         }
-        if !self.cluster.seeds.is_empty() {
-            // Clustering (gossip and QUIC between nodes) is not built yet;
-            // refusing beats silently running alone.
+        let tls = [&self.cluster.ca, &self.cluster.cert, &self.cluster.key];
+        let tls_given = tls.iter().filter(|p| p.is_some()).count();
+        if !self.cluster.seeds.is_empty() && tls_given < 3 {
             return invalid(
                 "cluster.seeds",
-                "clustering is not available in this build; run without seeds",
+                "nodes authenticate each other with mutual TLS: with seeds, also set \
+                 cluster.ca, cluster.cert and cluster.key (`herald cert --help` makes them)",
+            );
+        }
+        if tls_given != 0 && tls_given != 3 {
+            return invalid(
+                "cluster.ca",
+                "set cluster.ca, cluster.cert and cluster.key together",
+            );
+        }
+        if self.cluster.vnodes == 0 {
+            return invalid("cluster.vnodes", "must be at least 1");
+        }
+        if self.gossip.phi_threshold.is_nan() || self.gossip.phi_threshold <= 0.0 {
+            return invalid("gossip.phi_threshold", "must be above zero");
+        }
+        if self.cluster.keep_alive >= self.cluster.idle_timeout {
+            return invalid(
+                "cluster.keep_alive",
+                "must be shorter than cluster.idle_timeout",
             );
         }
         Ok(())
+    }
+
+    /// True when this node takes part in a cluster: TLS material is set
+    /// (with or without seeds: a node without seeds is a cluster's first).
+    pub fn clustered(&self) -> bool {
+        self.cluster.cert.is_some()
     }
 
     /// Topic shards: the configured number, or one per worker thread.

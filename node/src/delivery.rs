@@ -156,6 +156,53 @@ impl LocalSubscriptions {
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.wildcard.is_empty()
     }
+
+    /// True when some session here holds `key`.
+    pub fn holds(&self, key: &SubKey) -> bool {
+        let subscribers = match key.pattern.as_topic() {
+            Some(topic) => self.exact.get(&topic),
+            None => self.wildcard.get(&key.pattern),
+        };
+        subscribers.is_some_and(|s| match &key.group {
+            None => !s.plain.is_empty(),
+            Some(group) => s.groups.contains_key(group),
+        })
+    }
+
+    /// Every key held here on an exact topic: what this node registers with
+    /// the topics' owners.
+    pub fn exact_keys(&self) -> Vec<SubKey> {
+        keys_of(
+            self.exact
+                .iter()
+                .map(|(t, s)| (Pattern::from(t.clone()), s)),
+        )
+    }
+
+    /// Every key held here on a wildcard pattern: what this node announces
+    /// to every member.
+    pub fn wildcard_keys(&self) -> Vec<SubKey> {
+        keys_of(self.wildcard.iter().map(|(p, s)| (p.clone(), s)))
+    }
+}
+
+fn keys_of<'a>(entries: impl Iterator<Item = (Pattern, &'a Subscribers)>) -> Vec<SubKey> {
+    let mut keys = Vec::new();
+    for (pattern, subscribers) in entries {
+        if !subscribers.plain.is_empty() {
+            keys.push(SubKey {
+                pattern: pattern.clone(),
+                group: None,
+            });
+        }
+        for group in subscribers.groups.keys() {
+            keys.push(SubKey {
+                pattern: pattern.clone(),
+                group: Some(group.clone()),
+            });
+        }
+    }
+    keys
 }
 
 fn push_one(session: &SessionHandle, message: &Sequenced) -> bool {

@@ -13,19 +13,25 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod cert;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod history;
 pub mod lifecycle;
+pub mod membership;
 pub mod metrics;
 pub mod outbox;
 pub mod owner;
+pub mod ring;
 pub mod router;
 pub mod session;
 pub mod shard;
 pub mod system;
 pub mod telemetry;
+pub mod tls;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +47,7 @@ use crate::client::ClientContext;
 use crate::config::Config;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::owner::{NodeId, OwnerLimits};
-use crate::router::Router;
+use crate::router::{Router, RouterSetup};
 
 /// How long closing sessions get to say goodbye before the process exits.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,14 +86,16 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         warn!("auth is off: any client may publish and subscribe to any topic (set auth.hs256_secret or auth.rs256_public_key)");
     }
     let shards = config.shards();
-    let router = Router::start(
-        node_id.clone(),
+    let router = Router::start(RouterSetup {
+        node: node_id.clone(),
         shards,
-        OwnerLimits {
+        limits: OwnerLimits {
             history_messages: config.history.max_messages,
             history_age: config.history.max_age,
         },
-    );
+        transport: None,
+        request_timeout: config.cluster.request_timeout,
+    });
     let lifecycle = Lifecycle::new();
     let admission = Admission::new(
         config.client.max_connections,

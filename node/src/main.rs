@@ -10,6 +10,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None | Some(Command::Run) => {}
+        Some(Command::Cert(command)) => {
+            return match node::cert::run(&command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald cert: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     }
     let config = match Config::load(&cli.settings) {
         Ok(config) => config,

@@ -50,6 +50,9 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    pub fn set(&self, n: i64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
 }
 
 /// WebSocket close codes the node sends, as metric labels.
@@ -84,6 +87,13 @@ pub struct Metrics {
     pub history_messages: Gauge,
     pub session_panics: Counter,
     pub http_publishes: Counter,
+    pub owner_unavailable: Counter,
+    pub peer_frames_dropped: Counter,
+    pub ring_changes: Counter,
+    pub members_ready: Gauge,
+    pub members_joining: Gauge,
+    pub members_draining: Gauge,
+    pub members_dead: Gauge,
 }
 
 impl Default for Metrics {
@@ -110,6 +120,13 @@ impl Metrics {
             history_messages: Gauge::new(),
             session_panics: Counter::new(),
             http_publishes: Counter::new(),
+            owner_unavailable: Counter::new(),
+            peer_frames_dropped: Counter::new(),
+            ring_changes: Counter::new(),
+            members_ready: Gauge::new(),
+            members_joining: Gauge::new(),
+            members_draining: Gauge::new(),
+            members_dead: Gauge::new(),
         }
     }
 
@@ -256,6 +273,42 @@ impl Metrics {
             "Messages published over HTTP.",
             self.http_publishes.get(),
         );
+        counter(
+            &mut out,
+            "herald_owner_unavailable_total",
+            "Requests that failed because the topic's owner could not be reached.",
+            self.owner_unavailable.get(),
+        );
+        counter(
+            &mut out,
+            "herald_peer_frames_dropped_total",
+            "Frames to other nodes that could not be queued (no connection, or queue full).",
+            self.peer_frames_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "herald_ring_changes_total",
+            "Times the placement ring was recomputed with other members.",
+            self.ring_changes.get(),
+        );
+        header(
+            &mut out,
+            "herald_cluster_members",
+            "gauge",
+            "Known cluster members by state.",
+        );
+        for (state, gauge) in [
+            ("joining", &self.members_joining),
+            ("ready", &self.members_ready),
+            ("draining", &self.members_draining),
+            ("dead", &self.members_dead),
+        ] {
+            let _ = writeln!(
+                out,
+                "herald_cluster_members{{state=\"{state}\"}} {}",
+                gauge.get()
+            );
+        }
         out
     }
 }

@@ -75,12 +75,8 @@ impl Sequenced {
 }
 
 /// A subscription as interest is counted: a pattern and, for a queue group,
-/// its name. A group is keyed by both.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SubKey {
-    pub pattern: Pattern,
-    pub group: Option<GroupName>,
-}
+/// its name (a group is keyed by both). The same type crosses the wire.
+pub type SubKey = protocol::peer::InterestKey;
 
 /// Where one message goes: a node, and the groups that node serves for it.
 #[derive(Debug)]
@@ -282,6 +278,37 @@ impl TopicOwner {
                 }
             }
         }
+    }
+
+    /// Forgets every interest of `node` (it left, or its connection broke:
+    /// it registers again when it is back).
+    pub fn forget_node(&mut self, node: &NodeId) {
+        for owned in self.topics.values_mut() {
+            owned.interest.retain(|_, nodes| {
+                nodes.remove(node);
+                !nodes.nodes.is_empty()
+            });
+        }
+        self.wildcards.retain(|_, nodes| {
+            nodes.remove(node);
+            !nodes.nodes.is_empty()
+        });
+    }
+
+    /// Drops the topics `keep` says this node no longer owns: their new
+    /// owner starts a new epoch, so subscribers learn of the gap.
+    pub fn retain_topics(&mut self, mut keep: impl FnMut(&Topic) -> bool) {
+        let before = self.topics.len();
+        let mut dropped_history = 0usize;
+        self.topics.retain(|topic, owned| {
+            let kept = keep(topic);
+            if !kept {
+                dropped_history += owned.history.len();
+            }
+            kept
+        });
+        METRICS.history_messages.add(-(dropped_history as i64));
+        METRICS.topics.add(-((before - self.topics.len()) as i64));
     }
 
     /// The state a new exact subscriber starts from, with the messages it

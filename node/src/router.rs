@@ -1,18 +1,25 @@
-//! The router: how sessions and the HTTP API reach the shards.
+//! The router: how sessions, the HTTP API and peers reach the shards.
 //!
 //! It is a cheap, cloneable handle. A topic belongs to one shard (by hash);
-//! a wildcard subscription is placed on every shard, and its `ok` is sent
-//! when the last shard has it.
+//! a wildcard subscription is placed on every shard (and, in a cluster,
+//! announced to every member by shard 0), and its `ok` is sent when the
+//! last part has it. Frames from peers are dispatched here too, to the shard
+//! of their topic or, for answers, to the shard that asked.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use protocol::peer::PeerFrame;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::outbox::{SessionHandle, SessionId};
 use crate::owner::{NodeId, OwnerLimits, SubKey};
-use crate::shard::{Command, Completion, Publish, Shard};
+use crate::ring::Placement;
+use crate::shard::{
+    Command, Completion, InterestLatch, Publish, Shard, ShardSetup, MAX_SHARDS, SHARD_BITS,
+};
+use crate::transport::SharedTransport;
 
 /// Commands a shard may have queued before senders wait.
 const SHARD_QUEUE: usize = 4096;
@@ -23,23 +30,59 @@ pub enum RouterError {
     Stopped,
 }
 
-#[derive(Debug, Clone)]
+/// What the router's shards need to start.
+pub struct RouterSetup {
+    pub node: NodeId,
+    pub shards: usize,
+    pub limits: OwnerLimits,
+    /// `None` for a single node.
+    pub transport: Option<SharedTransport>,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone)]
 pub struct Router {
     shards: Arc<[mpsc::Sender<Command>]>,
+    transport: Option<SharedTransport>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("shards", &self.shards.len())
+            .field("clustered", &self.transport.is_some())
+            .finish()
+    }
 }
 
 impl Router {
-    /// Starts `count` shard tasks on the current runtime.
-    pub fn start(node: NodeId, count: usize, limits: OwnerLimits) -> Router {
-        let shards: Vec<mpsc::Sender<Command>> = (0..count.max(1))
-            .map(|_| {
+    /// Starts the shard tasks on the current runtime. A clustered node
+    /// starts with an empty placement (it owns nothing until it joins); a
+    /// single node owns everything.
+    pub fn start(setup: RouterSetup) -> Router {
+        let count = setup.shards.clamp(1, MAX_SHARDS);
+        let placement = Arc::new(match setup.transport {
+            Some(_) => Placement::new(Vec::new(), 1, 0),
+            None => Placement::new([setup.node.clone()], 1, 0),
+        });
+        let shards: Vec<mpsc::Sender<Command>> = (0..count)
+            .map(|index| {
                 let (tx, rx) = mpsc::channel(SHARD_QUEUE);
-                tokio::spawn(Shard::new(node.clone(), limits.clone(), rx).run());
+                let shard_setup = ShardSetup {
+                    node: setup.node.clone(),
+                    index,
+                    limits: setup.limits.clone(),
+                    transport: setup.transport.clone(),
+                    placement: placement.clone(),
+                    request_timeout: setup.request_timeout,
+                };
+                tokio::spawn(Shard::new(shard_setup, rx).run());
                 tx
             })
             .collect();
         Router {
             shards: shards.into(),
+            transport: setup.transport,
         }
     }
 
@@ -50,6 +93,10 @@ impl Router {
         &self.shards[(hasher.finish() % self.shards.len() as u64) as usize]
     }
 
+    fn shard_of_req(&self, req: u64) -> Option<&mpsc::Sender<Command>> {
+        self.shards.get((req & ((1 << SHARD_BITS) - 1)) as usize)
+    }
+
     async fn send(
         &self,
         shard: &mpsc::Sender<Command>,
@@ -58,9 +105,22 @@ impl Router {
         shard.send(command).await.map_err(|_| RouterError::Stopped)
     }
 
+    async fn to_all(&self, make: impl Fn() -> Command) -> Result<(), RouterError> {
+        for shard in self.shards.iter() {
+            self.send(shard, make()).await?;
+        }
+        Ok(())
+    }
+
     pub async fn publish(&self, publish: Publish) -> Result<(), RouterError> {
         let shard = self.shard_of(publish.topic.as_str());
         self.send(shard, Command::Publish(publish)).await
+    }
+
+    /// Parts of a wildcard (un)subscription: every shard, plus the
+    /// announcement to the other members in a cluster.
+    fn wildcard_parts(&self) -> usize {
+        self.shards.len() + usize::from(self.transport.is_some())
     }
 
     /// Subscribes a session; the session gets its `ok` (and any replay)
@@ -74,20 +134,27 @@ impl Router {
         epoch: Option<String>,
     ) -> Result<(), RouterError> {
         if key.pattern.is_wildcard() {
-            let done = Completion::new(self.shards.len(), session.clone(), id);
-            for shard in self.shards.iter() {
-                let command = Command::Subscribe {
-                    session: session.clone(),
-                    key: key.clone(),
-                    since,
-                    epoch: epoch.clone(),
-                    done: done.clone(),
+            let recovered = since.map(|_| false);
+            let done = Completion::new(self.wildcard_parts(), session.clone(), id, recovered);
+            self.to_all(|| Command::Subscribe {
+                session: session.clone(),
+                key: key.clone(),
+                since,
+                epoch: epoch.clone(),
+                done: done.clone(),
+            })
+            .await?;
+            if self.transport.is_some() {
+                let announce = Command::Announce {
+                    key,
+                    present: true,
+                    done: Some(done),
                 };
-                self.send(shard, command).await?;
+                self.send(&self.shards[0], announce).await?;
             }
             Ok(())
         } else {
-            let done = Completion::new(1, session.clone(), id);
+            let done = Completion::new(1, session.clone(), id, None);
             let shard = self.shard_of(key.pattern.as_str());
             let command = Command::Subscribe {
                 session,
@@ -108,21 +175,32 @@ impl Router {
         key: SubKey,
         reply: Option<(SessionHandle, u64)>,
     ) -> Result<(), RouterError> {
-        let targets: Vec<&mpsc::Sender<Command>> = if key.pattern.is_wildcard() {
-            self.shards.iter().collect()
-        } else {
-            vec![self.shard_of(key.pattern.as_str())]
-        };
-        let done = reply.map(|(handle, id)| Completion::new(targets.len(), handle, id));
-        for shard in targets {
-            let command = Command::Unsubscribe {
+        if key.pattern.is_wildcard() {
+            let done =
+                reply.map(|(handle, id)| Completion::new(self.wildcard_parts(), handle, id, None));
+            self.to_all(|| Command::Unsubscribe {
                 session,
                 key: key.clone(),
                 done: done.clone(),
-            };
-            self.send(shard, command).await?;
+            })
+            .await?;
+            if self.transport.is_some() {
+                // After shard 0 ran the unsubscribe: it knows whether
+                // another session here still holds the pattern.
+                let announce = Command::Announce {
+                    key,
+                    present: false,
+                    done,
+                };
+                self.send(&self.shards[0], announce).await?;
+            }
+            Ok(())
+        } else {
+            let done = reply.map(|(handle, id)| Completion::new(1, handle, id, None));
+            let shard = self.shard_of(key.pattern.as_str());
+            self.send(shard, Command::Unsubscribe { session, key, done })
+                .await
         }
-        Ok(())
     }
 
     /// Removes every subscription of a session that has ended.
@@ -132,6 +210,61 @@ impl Router {
                 return;
             }
         }
+    }
+
+    /// A new placement for every shard.
+    pub async fn set_placement(&self, placement: Arc<Placement>) -> Result<(), RouterError> {
+        self.to_all(|| Command::Placement(placement.clone())).await
+    }
+
+    pub async fn peer_up(&self, node: NodeId) -> Result<(), RouterError> {
+        self.to_all(|| Command::PeerUp(node.clone())).await
+    }
+
+    pub async fn peer_down(&self, node: NodeId) -> Result<(), RouterError> {
+        self.to_all(|| Command::PeerDown(node.clone())).await
+    }
+
+    /// Hands a peer's frame to the shard it concerns. Order is kept per
+    /// shard, which is all that matters: one topic lives on one shard.
+    pub async fn dispatch(&self, from: NodeId, frame: PeerFrame) -> Result<(), RouterError> {
+        let shard = match &frame {
+            PeerFrame::Publish { topic, .. } | PeerFrame::Deliver { topic, .. } => {
+                self.shard_of(topic.as_str())
+            }
+            PeerFrame::Subscribe { key, .. } => self.shard_of(key.pattern.as_str()),
+            PeerFrame::Interest { key, req, present } => {
+                if key.pattern.is_wildcard() {
+                    let latch = match (req, &self.transport) {
+                        (Some(req), Some(transport)) => Some(InterestLatch::new(
+                            self.shards.len(),
+                            from.clone(),
+                            *req,
+                            transport.clone(),
+                        )),
+                        _ => None,
+                    };
+                    let (key, present) = (key.clone(), *present);
+                    return self
+                        .to_all(|| Command::RemoteWildcard {
+                            from: from.clone(),
+                            key: key.clone(),
+                            present,
+                            latch: latch.clone(),
+                        })
+                        .await;
+                }
+                self.shard_of(key.pattern.as_str())
+            }
+            PeerFrame::Published { req, .. }
+            | PeerFrame::Refused { req, .. }
+            | PeerFrame::Subscribed { req, .. }
+            | PeerFrame::InterestAck { req } => match self.shard_of_req(*req) {
+                Some(shard) => shard,
+                None => return Ok(()),
+            },
+        };
+        self.send(shard, Command::Remote { from, frame }).await
     }
 
     /// True when every shard answers within `timeout`.

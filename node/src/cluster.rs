@@ -1,0 +1,599 @@
+//! The cluster coordinator: turns membership (gossip) and peer connections
+//! (QUIC) into the placement ring, and peers' frames into shard commands.
+//!
+//! One task owns this state. A member is placed on the ring only when gossip
+//! says it is ready AND this node holds an authenticated connection to it:
+//! gossip is unauthenticated UDP and never routes a message on its own.
+//! The task is written against a members `watch` and a [`Transport`], so the
+//! whole cluster logic runs in tests over the in-memory transport with a
+//! members list the test controls.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::peer::{self, PeerFrame};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::lifecycle::{Lifecycle, Phase};
+use crate::membership::{Member, MemberState};
+use crate::metrics::METRICS;
+use crate::owner::NodeId;
+use crate::ring::Placement;
+use crate::router::Router;
+use crate::transport::{Inbound, PeerAddr, SharedTransport};
+
+/// What `/v1/cluster` and `/readyz` show.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    pub members: Vec<Member>,
+    pub placement: Arc<Placement>,
+    /// This node's own state (what it gossips).
+    pub state: MemberState,
+}
+
+impl ClusterView {
+    pub fn joined(&self) -> bool {
+        self.state != MemberState::Joining
+    }
+}
+
+pub struct ClusterSetup {
+    pub node: NodeId,
+    pub vnodes: usize,
+    /// With seeds, a node looks for a live member for up to `join_timeout`
+    /// before it serves alone; without, it is a cluster's first node.
+    pub has_seeds: bool,
+    pub join_timeout: Duration,
+    pub router: Router,
+    pub transport: SharedTransport,
+    pub inbound: mpsc::Receiver<Inbound>,
+    pub members: watch::Receiver<Arc<Vec<Member>>>,
+    pub lifecycle: Lifecycle,
+}
+
+/// How often the join condition and draining are looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Starts the coordinator; returns the view (for admin) and this node's
+/// state (for membership to gossip).
+pub fn start(
+    setup: ClusterSetup,
+) -> (
+    watch::Receiver<Arc<ClusterView>>,
+    watch::Receiver<MemberState>,
+) {
+    let placement = Arc::new(Placement::new(Vec::new(), setup.vnodes, 0));
+    let view = Arc::new(ClusterView {
+        members: setup.members.borrow().as_ref().clone(),
+        placement: placement.clone(),
+        state: MemberState::Joining,
+    });
+    let (view_tx, view_rx) = watch::channel(view);
+    let (state_tx, state_rx) = watch::channel(MemberState::Joining);
+    let coordinator = Coordinator {
+        join_deadline: Instant::now() + setup.join_timeout,
+        setup,
+        connected: HashSet::new(),
+        placement,
+        state: MemberState::Joining,
+        view: view_tx,
+        state_tx,
+    };
+    tokio::spawn(coordinator.run());
+    (view_rx, state_rx)
+}
+
+struct Coordinator {
+    setup: ClusterSetup,
+    connected: HashSet<NodeId>,
+    placement: Arc<Placement>,
+    state: MemberState,
+    join_deadline: Instant,
+    view: watch::Sender<Arc<ClusterView>>,
+    state_tx: watch::Sender<MemberState>,
+}
+
+impl Coordinator {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.members_changed();
+        loop {
+            tokio::select! {
+                event = self.setup.inbound.recv() => {
+                    let Some(event) = event else { return };
+                    if !self.on_inbound(event).await {
+                        return;
+                    }
+                }
+                changed = self.setup.members.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.members_changed();
+                    self.update().await;
+                }
+                _ = tick.tick() => self.update().await,
+            }
+        }
+    }
+
+    /// False when the node is stopping (the router is gone).
+    async fn on_inbound(&mut self, event: Inbound) -> bool {
+        let router = &self.setup.router;
+        let delivered = match event {
+            Inbound::Frame { from, frame } => match peer::decode::<PeerFrame>(&frame) {
+                Ok(frame) => router.dispatch(from, frame).await,
+                Err(e) => {
+                    warn!(peer = %from, error = %e, "undecodable frame from a peer dropped");
+                    Ok(())
+                }
+            },
+            Inbound::PeerUp { node, generation } => {
+                info!(peer = %node, generation, "peer connected");
+                self.connected.insert(node.clone());
+                let result = router.peer_up(node).await;
+                self.update().await;
+                result
+            }
+            Inbound::PeerDown { node } => {
+                info!(peer = %node, "peer disconnected");
+                self.connected.remove(&node);
+                let result = router.peer_down(node).await;
+                self.update().await;
+                result
+            }
+        };
+        delivered.is_ok()
+    }
+
+    /// Connect to every live member (the transport dials and re-dials).
+    fn members_changed(&mut self) {
+        let members = self.setup.members.borrow().clone();
+        let peers = members
+            .iter()
+            .filter(|m| !m.is_self && m.state != MemberState::Dead)
+            .filter_map(|m| {
+                Some(PeerAddr {
+                    node: m.node.clone(),
+                    generation: m.generation,
+                    addr: m.cluster_socket?,
+                })
+            })
+            .collect();
+        self.setup.transport.set_peers(peers);
+        let count = |state| members.iter().filter(|m| m.state == state).count() as i64;
+        METRICS.members_joining.set(count(MemberState::Joining));
+        METRICS.members_ready.set(count(MemberState::Ready));
+        METRICS.members_draining.set(count(MemberState::Draining));
+        METRICS.members_dead.set(count(MemberState::Dead));
+    }
+
+    /// Recomputes this node's state and the ring; tells the shards when the
+    /// ring changed.
+    async fn update(&mut self) {
+        let members = self.setup.members.borrow().clone();
+        let state = self.next_state(&members);
+        if state != self.state {
+            info!(
+                from = self.state.as_str(),
+                to = state.as_str(),
+                "node state"
+            );
+            self.state = state;
+            let _ = self.state_tx.send(state);
+        }
+        let mut placed: Vec<NodeId> = members
+            .iter()
+            .filter(|m| {
+                !m.is_self && m.state == MemberState::Ready && self.connected.contains(&m.node)
+            })
+            .map(|m| m.node.clone())
+            .collect();
+        if self.state == MemberState::Ready {
+            placed.push(self.setup.node.clone());
+        }
+        let mut sorted = placed.clone();
+        sorted.sort();
+        if sorted != self.placement.members() {
+            let placement = Arc::new(Placement::new(
+                placed,
+                self.setup.vnodes,
+                self.placement.version + 1,
+            ));
+            info!(version = placement.version, members = ?placement.members(), "ring changed");
+            METRICS.ring_changes.inc();
+            self.placement = placement.clone();
+            if self.setup.router.set_placement(placement).await.is_err() {
+                return;
+            }
+        }
+        let view = ClusterView {
+            members: members.as_ref().clone(),
+            placement: self.placement.clone(),
+            state: self.state,
+        };
+        self.view.send_if_modified(|current| {
+            let changed = current.members != view.members
+                || current.state != view.state
+                || !Arc::ptr_eq(&current.placement, &view.placement);
+            if changed {
+                *current = Arc::new(view);
+            }
+            changed
+        });
+    }
+
+    fn next_state(&self, members: &[Member]) -> MemberState {
+        if self.setup.lifecycle.phase() != Phase::Ready {
+            return MemberState::Draining;
+        }
+        if self.state != MemberState::Joining {
+            return self.state;
+        }
+        let joined = !self.setup.has_seeds
+            || Instant::now() >= self.join_deadline
+            || members.iter().any(|m| {
+                !m.is_self && m.state != MemberState::Dead && self.connected.contains(&m.node)
+            });
+        if joined {
+            MemberState::Ready
+        } else {
+            MemberState::Joining
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The cluster logic end to end in one process: routers, shards and
+    //! coordinators joined by the in-memory transport.
+
+    use super::*;
+    use crate::outbox::{next_session_id, outbox, Outbox, SessionHandle};
+    use crate::owner::OwnerLimits;
+    use crate::router::RouterSetup;
+    use crate::shard::Publish;
+    use crate::transport::memory::MemoryNetwork;
+    use protocol::peer::InterestKey;
+    use protocol::{Codec, Data, GroupName, Pattern, Topic};
+    use serde_json::Value;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    struct TestNode {
+        id: NodeId,
+        router: Router,
+        view: watch::Receiver<Arc<ClusterView>>,
+        members: watch::Sender<Arc<Vec<Member>>>,
+        _lifecycle: Lifecycle,
+    }
+
+    fn member(node: &str, me: &str) -> Member {
+        Member {
+            node: node.into(),
+            generation: 1,
+            state: MemberState::Ready,
+            client_addr: String::new(),
+            admin_addr: String::new(),
+            cluster_addr: String::new(),
+            cluster_socket: Some("127.0.0.1:9".parse().expect("addr")),
+            gossip_addr: "127.0.0.1:9".parse().expect("addr"),
+            connections: 0,
+            is_self: node == me,
+        }
+    }
+
+    fn start_node(net: &MemoryNetwork, me: &str, all: &[&str]) -> TestNode {
+        let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+        let transport: SharedTransport = Arc::new(net.join(me.into(), 1, inbound_tx));
+        let router = Router::start(RouterSetup {
+            node: me.into(),
+            shards: 2,
+            limits: OwnerLimits {
+                history_messages: 100,
+                history_age: Duration::from_secs(60),
+            },
+            transport: Some(transport.clone()),
+            request_timeout: Duration::from_millis(500),
+        });
+        let members: Vec<Member> = all.iter().map(|n| member(n, me)).collect();
+        let (members_tx, members_rx) = watch::channel(Arc::new(members));
+        let lifecycle = Lifecycle::new();
+        let (view, _state) = start(ClusterSetup {
+            node: me.into(),
+            vnodes: 64,
+            has_seeds: true,
+            join_timeout: Duration::from_secs(30),
+            router: router.clone(),
+            transport,
+            inbound: inbound_rx,
+            members: members_rx,
+            lifecycle: lifecycle.clone(),
+        });
+        TestNode {
+            id: me.into(),
+            router,
+            view,
+            members: members_tx,
+            _lifecycle: lifecycle,
+        }
+    }
+
+    async fn wait_for_ring(nodes: &mut [TestNode], expected: &[&str]) {
+        for node in nodes.iter_mut() {
+            let placed = tokio::time::timeout(
+                WAIT,
+                node.view.wait_for(|v| {
+                    let members: Vec<&str> = v.placement.members().iter().map(|m| &**m).collect();
+                    members == expected
+                }),
+            )
+            .await;
+            assert!(placed.is_ok(), "{} never placed {expected:?}", node.id);
+        }
+    }
+
+    async fn cluster(names: &[&str]) -> (MemoryNetwork, Vec<TestNode>) {
+        let net = MemoryNetwork::new();
+        let mut nodes: Vec<TestNode> = names.iter().map(|n| start_node(&net, n, names)).collect();
+        wait_for_ring(&mut nodes, names).await;
+        (net, nodes)
+    }
+
+    struct Client {
+        handle: SessionHandle,
+        outbox: Outbox,
+        buffered: std::collections::VecDeque<bytes::Bytes>,
+        next_id: u64,
+    }
+
+    impl Client {
+        fn new() -> Client {
+            let (handle, outbox) = outbox(next_session_id(), Codec::Json, 10_000, 1 << 24);
+            Client {
+                handle,
+                outbox,
+                buffered: Default::default(),
+                next_id: 0,
+            }
+        }
+
+        async fn sub(&mut self, node: &TestNode, pattern: &str, group: Option<&str>) -> Value {
+            self.sub_since(node, pattern, group, None, None).await
+        }
+
+        async fn sub_since(
+            &mut self,
+            node: &TestNode,
+            pattern: &str,
+            group: Option<&str>,
+            since: Option<u64>,
+            epoch: Option<String>,
+        ) -> Value {
+            self.next_id += 1;
+            let key = InterestKey {
+                pattern: Pattern::parse(pattern).expect("pattern"),
+                group: group.map(|g| GroupName::parse(g).expect("group")),
+            };
+            node.router
+                .subscribe(self.handle.clone(), self.next_id, key, since, epoch)
+                .await
+                .expect("subscribe");
+            let ok = self.next().await;
+            assert_eq!(ok["op"], "ok", "{ok}");
+            assert_eq!(ok["id"], self.next_id, "{ok}");
+            ok
+        }
+
+        /// The next object queued for this client.
+        async fn next(&mut self) -> Value {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                if let Some(first) = self.buffered.pop_front() {
+                    return serde_json::from_slice(&first).expect("json");
+                }
+                let taken = self.outbox.take();
+                self.buffered.extend(taken.objects.drain(..));
+                if self.buffered.is_empty() {
+                    assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+
+        async fn nothing_more(&mut self) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let taken = self.outbox.take();
+            assert!(
+                taken.objects.is_empty() && self.buffered.is_empty(),
+                "unexpected {:?} {:?}",
+                taken.objects,
+                self.buffered
+            );
+        }
+    }
+
+    async fn publish(node: &TestNode, topic: &str, data: &str) -> Result<(u64, String), ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        node.router
+            .publish(Publish {
+                topic: Topic::parse(topic).expect("topic"),
+                data: Data::Json(bytes::Bytes::from(data.to_owned())),
+                trace: None,
+                tracestate: None,
+                ack: Some(crate::shard::Ack::Http(tx)),
+            })
+            .await
+            .expect("publish");
+        match tokio::time::timeout(WAIT, rx).await {
+            Ok(Ok(Ok(acked))) => Ok((acked.seq, acked.epoch.to_string())),
+            _ => Err(()),
+        }
+    }
+
+    fn topic_owned_by(node: &TestNode, owner: &str, prefix: &str) -> String {
+        let view = node.view.borrow().clone();
+        (0..10_000)
+            .map(|i| format!("{prefix}.{i}"))
+            .find(|t| view.placement.owner(t) == Some(owner))
+            .expect("some topic lands on every owner")
+    }
+
+    #[tokio::test]
+    async fn every_pair_of_nodes_delivers_both_ways_in_order() {
+        let names = ["a", "b", "c"];
+        let (_net, nodes) = cluster(&names).await;
+        for owner in names {
+            let topic = topic_owned_by(&nodes[0], owner, "pair");
+            for publisher in &nodes {
+                for subscriber in &nodes {
+                    let mut client = Client::new();
+                    let ok = client.sub(subscriber, &topic, None).await;
+                    let start = ok["seq"].as_u64().expect("seq");
+                    for i in 1..=3 {
+                        publish(publisher, &topic, &i.to_string())
+                            .await
+                            .expect("acked");
+                    }
+                    for i in 1..=3u64 {
+                        let msg = client.next().await;
+                        assert_eq!(msg["op"], "msg");
+                        assert_eq!(msg["seq"], start + i, "{msg}");
+                        assert_eq!(msg["data"], i);
+                    }
+                    client.nothing_more().await;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn wildcards_reach_subscribers_on_every_node() {
+        let (_net, nodes) = cluster(&["a", "b", "c"]).await;
+        let mut clients = Vec::new();
+        for node in &nodes {
+            let mut client = Client::new();
+            client.sub(node, "wild.>", None).await;
+            clients.push(client);
+        }
+        for owner in ["a", "b", "c"] {
+            let topic = topic_owned_by(&nodes[0], owner, "wild.x");
+            publish(&nodes[1], &topic, "1").await.expect("acked");
+            for client in &mut clients {
+                let msg = client.next().await;
+                assert_eq!(msg["topic"], topic.as_str());
+            }
+        }
+        for client in &mut clients {
+            client.nothing_more().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_group_gets_each_message_once_across_nodes() {
+        let (_net, nodes) = cluster(&["a", "b", "c"]).await;
+        let topic = topic_owned_by(&nodes[0], "b", "jobs");
+        let mut members = Vec::new();
+        for node in &nodes {
+            let mut client = Client::new();
+            client.sub(node, &topic, Some("workers")).await;
+            members.push(client);
+        }
+        let mut plain = Client::new();
+        plain.sub(&nodes[2], &topic, None).await;
+        for i in 0..30 {
+            publish(&nodes[0], &topic, &i.to_string())
+                .await
+                .expect("acked");
+        }
+        // Give stragglers a moment, then count what every member got.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        for member in &mut members {
+            let taken = member.outbox.take();
+            member.buffered.extend(taken.objects.drain(..));
+            for object in member.buffered.drain(..) {
+                let v: Value = serde_json::from_slice(&object).expect("json");
+                got.push(v["data"].as_u64().expect("data"));
+            }
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..30).collect::<Vec<u64>>());
+        for i in 0..30u64 {
+            assert_eq!(plain.next().await["data"], i);
+        }
+    }
+
+    #[tokio::test]
+    async fn recovery_through_a_remote_owner_replays_then_goes_live() {
+        let (_net, nodes) = cluster(&["a", "b"]).await;
+        let topic = topic_owned_by(&nodes[0], "b", "rec");
+        let (_, epoch) = publish(&nodes[1], &topic, "1").await.expect("acked");
+        publish(&nodes[1], &topic, "2").await.expect("acked");
+        publish(&nodes[0], &topic, "3").await.expect("acked");
+        let mut client = Client::new();
+        let ok = client
+            .sub_since(&nodes[0], &topic, None, Some(1), Some(epoch))
+            .await;
+        assert_eq!(ok["recovered"], true, "{ok}");
+        assert_eq!(ok["seq"], 3);
+        assert_eq!(client.next().await["seq"], 2);
+        assert_eq!(client.next().await["seq"], 3);
+        publish(&nodes[1], &topic, "4").await.expect("acked");
+        assert_eq!(client.next().await["seq"], 4);
+        client.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn a_dead_owner_fails_fast_and_its_topics_move() {
+        let (net, mut nodes) = cluster(&["a", "b", "c"]).await;
+        let topic = topic_owned_by(&nodes[0], "c", "move");
+        let mut client = Client::new();
+        client.sub(&nodes[0], &topic, None).await;
+        publish(&nodes[1], &topic, "1").await.expect("acked");
+        assert_eq!(client.next().await["seq"], 1);
+        // c dies: its links go down, and gossip (here: the test) says dead.
+        net.leave(&"c".into());
+        for node in &nodes[..2] {
+            let mut members = node.members.borrow().as_ref().clone();
+            for m in &mut members {
+                if &*m.node == "c" {
+                    m.state = MemberState::Dead;
+                }
+            }
+            node.members.send_replace(Arc::new(members));
+        }
+        nodes.truncate(2);
+        wait_for_ring(&mut nodes, &["a", "b"]).await;
+        // The new owner starts a new epoch; the subscriber, registered
+        // again without reconnecting, sees seq start over.
+        let (seq, _) = publish(&nodes[1], &topic, "2").await.expect("acked");
+        assert_eq!(seq, 1);
+        let msg = client.next().await;
+        assert_eq!(
+            (msg["seq"].as_u64(), msg["data"].as_u64()),
+            (Some(1), Some(2))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publish_to_an_unreachable_owner_is_unavailable_in_bounded_time() {
+        let (net, nodes) = cluster(&["a", "b"]).await;
+        let topic = topic_owned_by(&nodes[0], "b", "cut");
+        // Cut the link but keep b "ready" in gossip: a's ring drops b only
+        // once the connection is gone; until then requests time out.
+        net.cut(&"a".into(), &"b".into());
+        let started = std::time::Instant::now();
+        let result = publish(&nodes[0], &topic, "1").await;
+        // Either a took the topic over (ring without b) or it was refused
+        // in time: nothing hangs.
+        assert!(started.elapsed() < Duration::from_secs(2));
+        if let Ok((seq, _)) = result {
+            assert_eq!(seq, 1);
+        }
+    }
+}

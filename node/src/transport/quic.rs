@@ -1,0 +1,1027 @@
+//! The QUIC peer transport: one mutually authenticated connection per pair
+//! of nodes, a hello in each direction, then one long-lived unidirectional
+//! stream per direction carrying length-delimited frames in order.
+//!
+//! Who dials: the node with the smaller id dials, the other waits. That
+//! alone avoids duplicate connections; when one still appears (a restart,
+//! a re-dial racing the old connection's death, a peer with another rule)
+//! [`admit`] keeps exactly one, and both ends agree on which.
+//!
+//! Events are ordered per peer: a connection's frames come between its
+//! `PeerUp` and its `PeerDown`, and a replaced connection's `PeerDown` comes
+//! before its successor's `PeerUp`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use protocol::peer::{self, Hello, PeerCodecError, MAX_PEER_FRAME_BYTES};
+use quinn::{Connection, VarInt};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::timeout;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info, warn};
+
+use super::{Inbound, PeerAddr, Transport, TransportError};
+use crate::owner::NodeId;
+use crate::tls::{self, QuicConfigs, TlsError};
+
+/// Frames queued for one peer before `send` answers `QueueFull`.
+pub const SEND_QUEUE_FRAMES: usize = 65_536;
+/// Frames written per flush: enough to amortise the flush, few enough that
+/// a burst does not wait behind one huge write.
+const WRITE_BATCH: usize = 1024;
+/// A hello is a few dozen bytes; a peer is not allowed to make us buffer
+/// the 64 MiB a frame may take before it proved who it is.
+const MAX_HELLO_BYTES: usize = 16 * 1024;
+/// TLS handshake plus hello exchange.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once: unauthenticated work is bounded.
+const MAX_HANDSHAKES: usize = 256;
+/// How long a removed member stays refused (same or older generation).
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("the QUIC transport must start inside a tokio runtime")]
+    NoRuntime,
+    #[error("cannot listen on {addr} (cluster): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "this node's certificate is for node {cert}, but its node id is {node}: peers would \
+         refuse every connection"
+    )]
+    IdentityMismatch { cert: String, node: String },
+}
+
+/// Application close codes: the peer's log says why it was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Shutdown = 0,
+    Removed = 1,
+    Replaced = 2,
+    Version = 3,
+    Cluster = 4,
+    Identity = 5,
+    Stale = 6,
+    Duplicate = 7,
+    Protocol = 8,
+    Ended = 9,
+}
+
+impl Close {
+    fn code(self) -> VarInt {
+        VarInt::from_u32(self as u32)
+    }
+
+    /// Refusals that mean a misconfiguration or an impostor: worth a warning.
+    fn is_alarming(self) -> bool {
+        matches!(self, Close::Version | Close::Cluster | Close::Identity)
+    }
+}
+
+/// Why a connection is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    close: Close,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(close: Close, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            close,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a connection attempt or a link ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot dial: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    #[error("the peer's certificate: {0}")]
+    Certificate(#[from] TlsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Codec(#[from] PeerCodecError),
+    #[error("stream already closed")]
+    ClosedStream(#[from] quinn::ClosedStream),
+    #[error("the peer closed the stream before its hello")]
+    NoHello,
+    #[error("no TLS handshake and hello within {0:?}")]
+    Timeout(Duration),
+    #[error("refused: {}", .0.reason)]
+    Refused(Refusal),
+    #[error("a frame of {0} bytes is above the peer frame limit")]
+    FrameTooLarge(usize),
+}
+
+/// The QUIC [`Transport`]. Dropping it (or [`QuicTransport::shutdown`])
+/// closes every connection and ends every task it started.
+pub struct QuicTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    local: Hello,
+    local_id: NodeId,
+    local_addr: SocketAddr,
+    inbound: mpsc::Sender<Inbound>,
+    state: RwLock<State>,
+    stop: CancellationToken,
+    tasks: Tasks,
+    handshakes: Arc<Semaphore>,
+    next_link: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The live members from the last `set_peers`.
+    members: HashMap<NodeId, Member>,
+    /// Members removed by `set_peers`: their generation, and since when.
+    removed: HashMap<NodeId, (u64, Instant)>,
+    /// Authenticated connections, one per peer.
+    links: HashMap<NodeId, LinkHandle>,
+}
+
+struct Member {
+    generation: u64,
+    addr: SocketAddr,
+    /// Cancels this member's dial loop; `None` when the peer dials us.
+    dialer: Option<CancellationToken>,
+}
+
+struct LinkHandle {
+    id: u64,
+    generation: u64,
+    dialed_by_us: bool,
+    queue: mpsc::Sender<Bytes>,
+    connection: Connection,
+    /// Cancelled once the link's task has sent its `PeerDown`.
+    ended: CancellationToken,
+}
+
+/// A connection admitted into `links`, not yet announced.
+struct Registered {
+    id: u64,
+    queue: mpsc::Receiver<Bytes>,
+    predecessor: Option<CancellationToken>,
+    _ended: DropGuard,
+}
+
+/// A connection whose TLS handshake and hello read are done.
+struct Pending {
+    connection: Connection,
+    /// The acceptor still owes its hello on this stream.
+    send: Option<quinn::SendStream>,
+    hello: Hello,
+    cert_id: String,
+}
+
+impl QuicTransport {
+    /// Listens on `bind` and starts accepting peers, on the current tokio
+    /// runtime. `local` is the hello this node sends; its node id must be
+    /// the one its certificate proves.
+    pub fn start(
+        bind: SocketAddr,
+        tls: &QuicConfigs,
+        local: Hello,
+        inbound: mpsc::Sender<Inbound>,
+    ) -> Result<QuicTransport, QuicError> {
+        if tls.node_id != local.node_id {
+            return Err(QuicError::IdentityMismatch {
+                cert: tls.node_id.clone(),
+                node: local.node_id,
+            });
+        }
+        QuicTransport::start_unchecked(bind, tls, local, inbound)
+    }
+
+    /// [`QuicTransport::start`] without the identity check: tests use it to
+    /// play an impostor.
+    fn start_unchecked(
+        bind: SocketAddr,
+        tls: &QuicConfigs,
+        local: Hello,
+        inbound: mpsc::Sender<Inbound>,
+    ) -> Result<QuicTransport, QuicError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| QuicError::NoRuntime)?;
+        let endpoint = quinn::Endpoint::server(tls.server.clone(), bind)
+            .map_err(|source| QuicError::Bind { addr: bind, source })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| QuicError::Bind { addr: bind, source })?;
+        let inner = Arc::new(Inner {
+            endpoint,
+            client: tls.client.clone(),
+            local_id: Arc::from(local.node_id.as_str()),
+            local,
+            local_addr,
+            inbound,
+            state: RwLock::new(State::default()),
+            stop: CancellationToken::new(),
+            tasks: Tasks::new(runtime),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            next_link: AtomicU64::new(1),
+        });
+        inner.tasks.spawn(accept_loop(inner.clone()));
+        info!(
+            node_id = %inner.local_id,
+            listen = %local_addr,
+            generation = inner.local.generation,
+            "cluster transport listening"
+        );
+        Ok(QuicTransport { inner })
+    }
+
+    /// The address the transport listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The peers with an authenticated connection, with their generation.
+    pub fn connected(&self) -> Vec<(NodeId, u64)> {
+        let state = self.inner.read();
+        let mut peers: Vec<_> = state
+            .links
+            .iter()
+            .map(|(node, link)| (node.clone(), link.generation))
+            .collect();
+        peers.sort();
+        peers
+    }
+
+    /// Closes every connection and waits (bounded) for the transport's
+    /// tasks to end; each open connection yields its `PeerDown` first.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.stop.cancel();
+        {
+            let mut state = inner.write();
+            for member in state.members.values() {
+                if let Some(dialer) = &member.dialer {
+                    dialer.cancel();
+                }
+            }
+            for link in state.links.values() {
+                link.connection
+                    .close(Close::Shutdown.code(), b"node shutting down");
+            }
+            state.links.clear();
+        }
+        inner
+            .endpoint
+            .close(Close::Shutdown.code(), b"node shutting down");
+        if timeout(SHUTDOWN_TIMEOUT, inner.tasks.idle()).await.is_err() {
+            warn!(
+                tasks = inner.tasks.live(),
+                "cluster transport tasks still running after shutdown"
+            );
+        }
+        // Gives the close frames a chance to reach the peers.
+        let _ = timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+    }
+
+    /// Tasks of this transport still running.
+    pub fn live_tasks(&self) -> usize {
+        self.inner.tasks.live()
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        // The tasks hold the inner state: without this they would run on
+        // after the last handle is gone.
+        self.inner.stop.cancel();
+        self.inner
+            .endpoint
+            .close(Close::Shutdown.code(), b"node shutting down");
+    }
+}
+
+impl Transport for QuicTransport {
+    fn send(&self, to: &NodeId, frame: Bytes) -> Result<(), TransportError> {
+        let state = self.inner.read();
+        let link = state
+            .links
+            .get(to)
+            .ok_or_else(|| TransportError::NotConnected(to.clone()))?;
+        link.queue.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(to.clone()),
+            mpsc::error::TrySendError::Closed(_) => TransportError::NotConnected(to.clone()),
+        })
+    }
+
+    fn set_peers(&self, peers: Vec<PeerAddr>) {
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        // The newest generation of each node, this node left out.
+        let mut wanted: HashMap<NodeId, PeerAddr> = HashMap::new();
+        for peer in peers {
+            if peer.node == inner.local_id {
+                continue;
+            }
+            match wanted.get(&peer.node) {
+                Some(have) if have.generation >= peer.generation => {}
+                _ => {
+                    wanted.insert(peer.node.clone(), peer);
+                }
+            }
+        }
+
+        let mut state = inner.write();
+        let now = Instant::now();
+        state
+            .removed
+            .retain(|_, (_, since)| now.duration_since(*since) < TOMBSTONE_TTL);
+
+        let gone: Vec<NodeId> = state
+            .members
+            .keys()
+            .filter(|node| !wanted.contains_key(*node))
+            .cloned()
+            .collect();
+        for node in gone {
+            if let Some(member) = state.members.remove(&node) {
+                if let Some(dialer) = member.dialer {
+                    dialer.cancel();
+                }
+                state.removed.insert(node.clone(), (member.generation, now));
+                info!(peer = %node, generation = member.generation, "peer no longer a member");
+            }
+            if let Some(link) = state.links.remove(&node) {
+                link.connection
+                    .close(Close::Removed.code(), b"no longer a member");
+            }
+        }
+
+        for (node, peer) in wanted {
+            if let Some(member) = state.members.get(&node) {
+                if member.generation == peer.generation && member.addr == peer.addr {
+                    continue;
+                }
+            }
+            if let Some(old) = state.members.remove(&node) {
+                if let Some(dialer) = old.dialer {
+                    dialer.cancel();
+                }
+            }
+            state.removed.remove(&node);
+            let stale = state
+                .links
+                .get(&node)
+                .is_some_and(|link| link.generation < peer.generation);
+            if stale {
+                if let Some(link) = state.links.remove(&node) {
+                    info!(peer = %node, old = link.generation, new = peer.generation, "peer restarted: closing the old connection");
+                    link.connection
+                        .close(Close::Replaced.code(), b"a newer generation replaces you");
+                }
+            }
+            let dialer = (inner.local_id < node).then(|| {
+                let token = inner.stop.child_token();
+                inner.tasks.spawn(dial_loop(
+                    inner.clone(),
+                    node.clone(),
+                    peer.generation,
+                    peer.addr,
+                    token.clone(),
+                ));
+                token
+            });
+            state.members.insert(
+                node,
+                Member {
+                    generation: peer.generation,
+                    addr: peer.addr,
+                    dialer,
+                },
+            );
+        }
+    }
+}
+
+impl Inner {
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves plain maps behind,
+        // still consistent enough to route and to shut down.
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Admits an authenticated, hello-checked connection as the link to
+    /// `peer`, replacing (and closing) the one it wins against. `dialer` is
+    /// the dial loop's token for a connection this node dialed.
+    fn register(
+        &self,
+        peer: &NodeId,
+        generation: u64,
+        connection: &Connection,
+        dialer: Option<&CancellationToken>,
+    ) -> Result<Registered, Refusal> {
+        let mut state = self.write();
+        if self.stop.is_cancelled() {
+            return Err(Refusal::new(Close::Shutdown, "node shutting down"));
+        }
+        match dialer {
+            Some(token) if token.is_cancelled() => {
+                return Err(Refusal::new(Close::Removed, "no longer a member"));
+            }
+            Some(_) => {}
+            None => match (state.members.get(peer), state.removed.get(peer)) {
+                (Some(member), _) if generation < member.generation => {
+                    return Err(Refusal::new(
+                        Close::Stale,
+                        format!(
+                            "generation {generation} is older than the member's {}",
+                            member.generation
+                        ),
+                    ));
+                }
+                (None, Some((removed, _))) if generation <= *removed => {
+                    return Err(Refusal::new(Close::Removed, "not a member"));
+                }
+                _ => {}
+            },
+        }
+        let dialed_by_us = dialer.is_some();
+        let existing = state
+            .links
+            .get(peer)
+            .map(|link| (link.generation, link.dialed_by_us));
+        let predecessor = match admit(
+            existing,
+            generation,
+            dialed_by_us,
+            self.local_id.as_ref() < peer.as_ref(),
+        ) {
+            Admit::Refuse(refusal) => return Err(refusal),
+            Admit::New => None,
+            Admit::Replace => state.links.remove(peer).map(|old| {
+                info!(peer = %peer, "a new connection replaces the old one");
+                old.connection
+                    .close(Close::Replaced.code(), b"replaced by a newer connection");
+                old.ended
+            }),
+        };
+        let (queue, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+        let ended = CancellationToken::new();
+        let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        state.links.insert(
+            peer.clone(),
+            LinkHandle {
+                id,
+                generation,
+                dialed_by_us,
+                queue,
+                connection: connection.clone(),
+                ended: ended.clone(),
+            },
+        );
+        Ok(Registered {
+            id,
+            queue: rx,
+            predecessor,
+            _ended: ended.drop_guard(),
+        })
+    }
+
+    fn unregister(&self, peer: &NodeId, id: u64) {
+        let mut state = self.write();
+        if state.links.get(peer).is_some_and(|link| link.id == id) {
+            state.links.remove(peer);
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    New,
+    Replace,
+    Refuse(Refusal),
+}
+
+/// Decides between the existing link to a peer (its generation, and
+/// whether this node dialed it) and a new authenticated connection. Both
+/// ends reach the same answer: a newer generation wins; within one, the
+/// connection dialed by the smaller node id wins, and between two dialed by
+/// the same node the newer wins (that node gave the old one up).
+fn admit(
+    existing: Option<(u64, bool)>,
+    generation: u64,
+    dialed_by_us: bool,
+    local_is_smaller: bool,
+) -> Admit {
+    let Some((old_generation, old_dialed_by_us)) = existing else {
+        return Admit::New;
+    };
+    if generation < old_generation {
+        return Admit::Refuse(Refusal::new(
+            Close::Stale,
+            format!("generation {generation} is older than the connected {old_generation}"),
+        ));
+    }
+    if generation > old_generation || dialed_by_us == old_dialed_by_us {
+        return Admit::Replace;
+    }
+    let dialer_is_smaller = dialed_by_us == local_is_smaller;
+    if dialer_is_smaller {
+        Admit::Replace
+    } else {
+        Admit::Refuse(Refusal::new(
+            Close::Duplicate,
+            "already connected (the smaller node id dials)",
+        ))
+    }
+}
+
+/// Checks a peer's hello against this node's and the peer's certificate.
+/// `dialed` is the node id and listed generation this node dialed.
+fn check_hello(
+    local: &Hello,
+    cert_id: &str,
+    hello: &Hello,
+    dialed: Option<(&str, u64)>,
+) -> Result<(), Refusal> {
+    if hello.version != local.version {
+        return Err(Refusal::new(
+            Close::Version,
+            format!(
+                "peer protocol version {}, this node speaks {}",
+                hello.version, local.version
+            ),
+        ));
+    }
+    if hello.cluster != local.cluster {
+        return Err(Refusal::new(
+            Close::Cluster,
+            format!(
+                "peer is in cluster {:?}, this node in {:?}",
+                hello.cluster, local.cluster
+            ),
+        ));
+    }
+    if hello.node_id != cert_id {
+        return Err(Refusal::new(
+            Close::Identity,
+            format!(
+                "hello says node {:?} but the certificate is for {cert_id:?}",
+                hello.node_id
+            ),
+        ));
+    }
+    if hello.node_id == local.node_id {
+        return Err(Refusal::new(
+            Close::Identity,
+            "peer claims this node's own id",
+        ));
+    }
+    if let Some((expected, listed)) = dialed {
+        if hello.node_id != expected {
+            return Err(Refusal::new(
+                Close::Identity,
+                format!("dialed node {expected:?} but {:?} answered", hello.node_id),
+            ));
+        }
+        if hello.generation < listed {
+            return Err(Refusal::new(
+                Close::Stale,
+                format!(
+                    "generation {} is older than the member's {listed}",
+                    hello.generation
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn refuse(connection: &Connection, refusal: &Refusal, peer: &str) {
+    let addr = connection.remote_address();
+    if refusal.close.is_alarming() {
+        warn!(peer, %addr, reason = %refusal.reason, "refusing a cluster connection");
+    } else {
+        debug!(peer, %addr, reason = %refusal.reason, "refusing a cluster connection");
+    }
+    connection.close(refusal.close.code(), refusal.reason.as_bytes());
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = inner.stop.cancelled() => break,
+            incoming = inner.endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let Ok(permit) = inner.handshakes.clone().try_acquire_owned() else {
+            warn!(addr = %incoming.remote_address(), "too many cluster handshakes in progress: refusing a connection");
+            incoming.refuse();
+            continue;
+        };
+        inner
+            .tasks
+            .spawn(accept_one(inner.clone(), incoming, permit));
+    }
+    debug!("cluster accept loop ended");
+}
+
+async fn accept_one(inner: Arc<Inner>, incoming: quinn::Incoming, permit: OwnedSemaphorePermit) {
+    let addr = incoming.remote_address();
+    let handshake = async {
+        let connection = incoming.await?;
+        let result = async {
+            let cert_id = peer_cert_id(&connection)?;
+            let (send, recv) = connection.accept_bi().await?;
+            let hello = read_hello(recv).await?;
+            Ok::<_, LinkError>((send, hello, cert_id))
+        }
+        .await;
+        match result {
+            Ok((send, hello, cert_id)) => Ok(Pending {
+                connection,
+                send: Some(send),
+                hello,
+                cert_id,
+            }),
+            Err(e) => {
+                connection.close(Close::Protocol.code(), b"bad hello");
+                Err(e)
+            }
+        }
+    };
+    let pending = tokio::select! {
+        _ = inner.stop.cancelled() => return,
+        result = timeout(HANDSHAKE_TIMEOUT, handshake) => {
+            result.unwrap_or(Err(LinkError::Timeout(HANDSHAKE_TIMEOUT)))
+        }
+    };
+    let mut pending = match pending {
+        Ok(pending) => pending,
+        Err(e) => {
+            // Unauthenticated input: a failed handshake is not worth more
+            // than a debug line each (a scanner would flood the log).
+            debug!(%addr, error = %e, "inbound cluster handshake failed");
+            return;
+        }
+    };
+    if let Err(refusal) = check_hello(&inner.local, &pending.cert_id, &pending.hello, None) {
+        refuse(&pending.connection, &refusal, &pending.cert_id);
+        return;
+    }
+    let peer: NodeId = Arc::from(pending.hello.node_id.as_str());
+    let registered =
+        match inner.register(&peer, pending.hello.generation, &pending.connection, None) {
+            Ok(registered) => registered,
+            Err(refusal) => {
+                refuse(&pending.connection, &refusal, &peer);
+                return;
+            }
+        };
+    drop(permit);
+    // Registered before answering: a dialer that gets our hello is admitted.
+    let answered = match pending.send.take() {
+        Some(send) => timeout(HANDSHAKE_TIMEOUT, write_hello(send, &inner.local))
+            .await
+            .unwrap_or(Err(LinkError::Timeout(HANDSHAKE_TIMEOUT))),
+        None => Ok(()),
+    };
+    if let Err(e) = answered {
+        debug!(peer = %peer, %addr, error = %e, "cannot answer a hello");
+        inner.unregister(&peer, registered.id);
+        pending
+            .connection
+            .close(Close::Protocol.code(), b"hello failed");
+        return;
+    }
+    run_link(
+        &inner,
+        pending.connection,
+        peer,
+        pending.hello.generation,
+        registered,
+    )
+    .await;
+}
+
+/// Dials `peer` while it stays listed with this generation and address,
+/// re-dialing with backoff when the attempt fails or the link ends.
+async fn dial_loop(
+    inner: Arc<Inner>,
+    peer: NodeId,
+    generation: u64,
+    addr: SocketAddr,
+    token: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::select! {
+            _ = token.cancelled() => return,
+            result = timeout(HANDSHAKE_TIMEOUT, dial_hello(&inner, &peer, addr)) => {
+                result.unwrap_or(Err(LinkError::Timeout(HANDSHAKE_TIMEOUT)))
+            }
+        };
+        let outcome = match attempt {
+            Ok(pending) => {
+                let checked = check_hello(
+                    &inner.local,
+                    &pending.cert_id,
+                    &pending.hello,
+                    Some((&peer, generation)),
+                )
+                .and_then(|()| {
+                    inner.register(
+                        &peer,
+                        pending.hello.generation,
+                        &pending.connection,
+                        Some(&token),
+                    )
+                });
+                match checked {
+                    Ok(registered) => {
+                        run_link(
+                            &inner,
+                            pending.connection,
+                            peer.clone(),
+                            pending.hello.generation,
+                            registered,
+                        )
+                        .await;
+                        Ok(())
+                    }
+                    Err(refusal) => {
+                        refuse(&pending.connection, &refusal, &peer);
+                        Err(LinkError::Refused(refusal))
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                failures = 0;
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                failures += 1;
+                // One warning per failure streak (and a reminder now and
+                // then); the rest at debug, the loop retries every 5 s.
+                if failures == 1 || failures % 60 == 0 {
+                    warn!(peer = %peer, %addr, failures, error = %e, "cannot connect to peer");
+                } else {
+                    debug!(peer = %peer, %addr, failures, error = %e, "cannot connect to peer");
+                }
+            }
+        }
+        let pause = backoff.mul_f64(rand::random_range(0.5..1.0));
+        if failures > 0 {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// TLS handshake with `peer` at `addr` (its certificate must name it), then
+/// the hello exchange.
+async fn dial_hello(inner: &Inner, peer: &str, addr: SocketAddr) -> Result<Pending, LinkError> {
+    let connection = inner
+        .endpoint
+        .connect_with(inner.client.clone(), addr, peer)?
+        .await?;
+    let result = async {
+        let cert_id = peer_cert_id(&connection)?;
+        let (send, recv) = connection.open_bi().await?;
+        write_hello(send, &inner.local).await?;
+        let hello = read_hello(recv).await?;
+        Ok::<_, LinkError>((hello, cert_id))
+    }
+    .await;
+    match result {
+        Ok((hello, cert_id)) => Ok(Pending {
+            connection,
+            send: None,
+            hello,
+            cert_id,
+        }),
+        Err(e) => {
+            connection.close(Close::Protocol.code(), b"hello failed");
+            Err(e)
+        }
+    }
+}
+
+/// Announces the link, carries frames both ways until the connection ends,
+/// then announces its end.
+async fn run_link(
+    inner: &Inner,
+    connection: Connection,
+    peer: NodeId,
+    generation: u64,
+    registered: Registered,
+) {
+    let Registered {
+        id,
+        queue,
+        predecessor,
+        _ended,
+    } = registered;
+    if let Some(predecessor) = predecessor {
+        // Its PeerDown goes first.
+        predecessor.cancelled().await;
+    }
+    let addr = connection.remote_address();
+    let _ = inner
+        .inbound
+        .send(Inbound::PeerUp {
+            node: peer.clone(),
+            generation,
+        })
+        .await;
+    info!(peer = %peer, %addr, generation, "peer up");
+
+    let result = tokio::select! {
+        result = read_frames(&connection, &peer, &inner.inbound) => result,
+        result = write_frames(&connection, queue) => result,
+        error = connection.closed() => Err(error.into()),
+    };
+    let reason = match &result {
+        Ok(()) => "closed".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let close = match &result {
+        Ok(()) => Close::Ended,
+        Err(_) => Close::Protocol,
+    };
+    connection.close(close.code(), b"link ended");
+    inner.unregister(&peer, id);
+    let _ = inner
+        .inbound
+        .send(Inbound::PeerDown { node: peer.clone() })
+        .await;
+    info!(peer = %peer, %addr, reason, "peer down");
+}
+
+/// Forwards the peer's frames, waiting when the cluster is behind.
+async fn read_frames(
+    connection: &Connection,
+    peer: &NodeId,
+    inbound: &mpsc::Sender<Inbound>,
+) -> Result<(), LinkError> {
+    let recv = connection.accept_uni().await?;
+    let mut frames = FramedRead::new(recv, codec(MAX_PEER_FRAME_BYTES));
+    while let Some(frame) = frames.next().await {
+        let frame = frame?.freeze();
+        let event = Inbound::Frame {
+            from: peer.clone(),
+            frame,
+        };
+        if inbound.send(event).await.is_err() {
+            // Nobody listens any more: the node is stopping.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Writes whatever is queued, one flush per batch.
+async fn write_frames(
+    connection: &Connection,
+    mut queue: mpsc::Receiver<Bytes>,
+) -> Result<(), LinkError> {
+    let send = connection.open_uni().await?;
+    let mut out = FramedWrite::new(send, codec(MAX_PEER_FRAME_BYTES));
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        for frame in batch.drain(..) {
+            if frame.len() > MAX_PEER_FRAME_BYTES {
+                return Err(LinkError::FrameTooLarge(frame.len()));
+            }
+            out.feed(frame).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut out).await?;
+    }
+    // The link was dropped from `links`: say we are done cleanly.
+    out.into_inner().finish()?;
+    Ok(())
+}
+
+async fn read_hello(recv: quinn::RecvStream) -> Result<Hello, LinkError> {
+    let mut frames = FramedRead::new(recv, codec(MAX_HELLO_BYTES));
+    let frame = frames.next().await.ok_or(LinkError::NoHello)??;
+    Ok(peer::decode::<Hello>(&frame)?)
+}
+
+async fn write_hello(send: quinn::SendStream, hello: &Hello) -> Result<(), LinkError> {
+    let mut out = FramedWrite::new(send, codec(MAX_HELLO_BYTES));
+    out.send(peer::encode(hello)?).await?;
+    out.into_inner().finish()?;
+    Ok(())
+}
+
+fn codec(max_frame_length: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame_length)
+        .new_codec()
+}
+
+/// The node id the peer's (already CA-verified) certificate proves.
+fn peer_cert_id(connection: &Connection) -> Result<String, LinkError> {
+    let identity = connection.peer_identity().ok_or(LinkError::NoCertificate)?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| LinkError::NoCertificate)?;
+    let leaf = chain.first().ok_or(LinkError::NoCertificate)?;
+    Ok(tls::peer_node_id(leaf)?)
+}
+
+/// Counts the transport's tasks so that shutdown can wait for all of them.
+struct Tasks {
+    runtime: tokio::runtime::Handle,
+    live: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+}
+
+struct TaskGuard {
+    live: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+impl Tasks {
+    fn new(runtime: tokio::runtime::Handle) -> Tasks {
+        Tasks {
+            runtime,
+            live: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Spawns on the runtime the transport started on: `set_peers` may be
+    /// called from outside it.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        let guard = TaskGuard {
+            live: self.live.clone(),
+            idle: self.idle.clone(),
+        };
+        self.runtime.spawn(async move {
+            let _guard = guard;
+            task.await;
+        });
+    }
+
+    fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
