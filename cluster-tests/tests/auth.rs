@@ -105,6 +105,14 @@ async fn bad_tokens_are_refused_with_401() -> Result<()> {
         ("not a JWT", "garbage".to_owned()),
         ("alg none", unsigned_token(&claims)),
         ("expired", expired),
+        (
+            "an invalid pattern in the claims",
+            token(SECRET, &json!({"subscribe": ["a..b"]})),
+        ),
+        (
+            "claims of the wrong type",
+            token(SECRET, &json!({"publish": "news.>"})),
+        ),
     ];
     for (what, bad) in &cases {
         let status = upgrade_status(node.ws_connect().bearer(bad)).await?;
@@ -625,4 +633,29 @@ async fn token_is_refused_from_its_exp_on() -> Result<()> {
         "upgrade with a token at its exp: HTTP {status}"
     );
     check_error_body(&resp, 401, "unauthorized").context("HTTP publish with a token at its exp")
+}
+
+#[tokio::test]
+async fn without_a_key_auth_is_off_and_says_so() -> Result<()> {
+    let node = Node::start(&[]).await?;
+    ensure!(
+        node.log().contains("auth is off"),
+        "no warning that auth is off:\n{}",
+        node.log()
+    );
+    // Tokens, good or bad, are ignored; everything is allowed.
+    let mut plain = node.ws().await?;
+    let mut with_garbage = node.ws_connect().bearer("garbage").connect().await?;
+    round_trip(&mut plain, &mut with_garbage, "any.topic").await?;
+    let resp = node
+        .http_publish("any.topic", Some("application/json"), b"1", &[])
+        .await?;
+    ensure!(
+        resp.status == 200,
+        "HTTP publish without auth: {}",
+        resp.status
+    );
+    plain.expect_msg("any.topic", &json!(1)).await?;
+    plain.close().await?;
+    with_garbage.close().await
 }

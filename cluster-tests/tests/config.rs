@@ -241,6 +241,15 @@ fn spawn_herald(
     log: &Path,
     pre_exec: Option<fn() -> std::io::Result<()>>,
 ) -> Result<Child> {
+    spawn_herald_with(args, log, pre_exec, None)
+}
+
+fn spawn_herald_with(
+    args: &[&str],
+    log: &Path,
+    pre_exec: Option<fn() -> std::io::Result<()>>,
+    env: Option<(&str, &str)>,
+) -> Result<Child> {
     let mut cmd = Command::new(herald_bin()?);
     cmd.args(["--node-id", "raw"])
         .args(["--client-listen", &loopback(free_tcp_port()).to_string()])
@@ -255,6 +264,9 @@ fn spawn_herald(
         if key.starts_with("HERALD_") {
             cmd.env_remove(key);
         }
+    }
+    if let Some((key, value)) = env {
+        cmd.env(key, value);
     }
     // SAFETY: prctl and setrlimit are async-signal-safe.
     unsafe {
@@ -317,8 +329,101 @@ async fn unknown_toml_keys_refuse_the_start_and_are_named() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn invalid_values_refuse_the_start_and_say_where() -> Result<()> {
+    let dir = temp_dir("invalid")?;
+    let bad_duration = write_file(&dir, "duration.toml", "[node]\ndrain_grace = \"soon\"\n")?;
+    let zero = write_file(&dir, "zero.toml", "[client]\nmax_message_bytes = 0\n")?;
+    let missing = dir.join("missing.toml");
+    let missing = missing.to_str().context("utf-8 path")?;
+    // (what, arguments, environment, what the error must name)
+    type Case<'a> = (&'a str, Vec<&'a str>, Option<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 5] = [
+        (
+            "flag",
+            vec!["--client-idle-timeout", "soon"],
+            None,
+            "client-idle-timeout",
+        ),
+        (
+            "env",
+            vec![],
+            Some(("HERALD_CLIENT_MAX_MESSAGE_BYTES", "lots")),
+            "max-message-bytes",
+        ),
+        (
+            "toml duration",
+            vec!["--config", &bad_duration],
+            None,
+            "drain_grace",
+        ),
+        (
+            "toml zero",
+            vec!["--config", &zero],
+            None,
+            "client.max_message_bytes",
+        ),
+        (
+            "missing file",
+            vec!["--config", missing],
+            None,
+            "missing.toml",
+        ),
+    ];
+    for (what, args, env, named) in cases {
+        let log = dir.join(format!("{}.log", what.replace(' ', "-")));
+        let mut child = match env {
+            None => spawn_herald(&args, &log, None)?,
+            Some((key, value)) => spawn_herald_env(&args, &log, (key, value))?,
+        };
+        let status = wait_child(&mut child, Duration::from_secs(10)).await?;
+        let output = std::fs::read_to_string(&log)?;
+        ensure!(
+            !status.success(),
+            "herald started with an invalid {what}: {status}\n{output}"
+        );
+        ensure!(
+            output.contains(named),
+            "the error for the invalid {what} does not name {named}:\n{output}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// [`spawn_herald`] with one environment variable set.
+fn spawn_herald_env(args: &[&str], log: &Path, env: (&str, &str)) -> Result<Child> {
+    spawn_herald_with(args, log, None, Some(env))
+}
+
+#[tokio::test]
+async fn durations_in_the_file_are_humantime() -> Result<()> {
+    let dir = temp_dir("grace")?;
+    let file = write_file(&dir, "grace.toml", "[node]\ndrain_grace = \"600ms\"\n")?;
+    let mut node = NodeBuilder::new("n1")
+        .args(["--config", file.as_str()])
+        .start()
+        .await?;
+    let mut ws = node.ws().await?;
+    ws.assert_alive().await?;
+    let signalled = Instant::now();
+    node.sigterm()?;
+    // Closed with 1001 after the file's 600 ms, not the default 10 s.
+    ws.expect_close(1001, Duration::from_secs(4)).await?;
+    let took = signalled.elapsed();
+    ensure!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(3),
+        "1001 after {took:?} with drain_grace = 600ms"
+    );
+    drop(ws);
+    let status = node.wait_exit(Duration::from_secs(5)).await?;
+    ensure!(status.code() == Some(0), "exit status {status}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// This process's RLIMIT_NOFILE (soft, hard); children inherit it.
-fn nofile() -> (u64, u64) {
+fn nofile() -> (libc::rlim_t, libc::rlim_t) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -326,7 +431,7 @@ fn nofile() -> (u64, u64) {
     // SAFETY: getrlimit writes to a valid rlimit.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     assert_eq!(rc, 0, "getrlimit");
-    (limit.rlim_cur as u64, limit.rlim_max as u64)
+    (limit.rlim_cur, limit.rlim_max)
 }
 
 /// Drops ANSI escape sequences (colours in the text log).

@@ -150,6 +150,37 @@ async fn drain_ends_early_when_every_session_has_left() -> Result<()> {
 }
 
 #[tokio::test]
+async fn drain_is_bounded_when_clients_never_answer_the_close() -> Result<()> {
+    let mut node = Node::start(&["--node-drain-grace", "500ms"]).await?;
+    // Sessions that are never read again: they answer neither pings nor
+    // the close frame.
+    let mut deaf = Vec::new();
+    for _ in 0..3 {
+        let mut ws = node.ws().await?;
+        ws.sub("deaf.t").await?;
+        deaf.push(ws);
+    }
+    let signalled = Instant::now();
+    node.sigterm()?;
+    let status = node.wait_exit(Duration::from_secs(8)).await?;
+    let took = signalled.elapsed();
+    ensure!(status.code() == Some(0), "exit status {status}");
+    ensure!(
+        took < Duration::from_secs(6),
+        "exit took {took:?} with a 500 ms grace"
+    );
+    // Each was told 1001 before the node went away.
+    for ws in &mut deaf {
+        let (ended, _) = ws.wait_end(Duration::from_secs(2)).await?;
+        ensure!(
+            matches!(ended, Ended::Close(1001, _)),
+            "a deaf session ended with {ended:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn idle_node_exits_0_promptly_on_sigterm() -> Result<()> {
     let mut node = Node::start(&[]).await?;
     // The default grace is 10 s; with no session there is nothing to wait for.

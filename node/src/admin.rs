@@ -14,10 +14,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::admission::Admission;
 use crate::client::{error_response, json_response};
+use crate::cluster::ClusterView;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::metrics::METRICS;
 use crate::owner::NodeId;
@@ -47,12 +49,19 @@ pub struct AdminContext {
     pub lifecycle: Lifecycle,
     pub admission: Arc<Admission>,
     pub router: Router,
+    /// `None` for a single node.
+    pub cluster: Option<watch::Receiver<Arc<ClusterView>>>,
 }
 
 impl AdminContext {
     /// Why the node should not get new clients now; empty when it should.
     pub fn unready_reasons(&self) -> Vec<&'static str> {
         let mut reasons = Vec::new();
+        if let Some(cluster) = &self.cluster {
+            if !cluster.borrow().joined() {
+                reasons.push("joining");
+            }
+        }
         if self.lifecycle.phase() != Phase::Ready {
             reasons.push("draining");
         }
@@ -150,22 +159,54 @@ async fn route(request: Request<Incoming>, ctx: &AdminContext) -> Response<Full<
 }
 
 fn cluster_view(ctx: &AdminContext) -> Response<Full<Bytes>> {
-    let me = MemberView {
-        node_id: ctx.node_id.to_string(),
-        state: ctx.state(),
-        client_addr: ctx.client_addr.clone(),
-        admin_addr: ctx.admin_addr.clone(),
-        cluster_addr: ctx.cluster_addr.clone(),
-        generation: ctx.generation,
+    let Some(cluster) = &ctx.cluster else {
+        let me = MemberView {
+            node_id: ctx.node_id.to_string(),
+            state: ctx.state(),
+            client_addr: ctx.client_addr.clone(),
+            admin_addr: ctx.admin_addr.clone(),
+            cluster_addr: ctx.cluster_addr.clone(),
+            generation: ctx.generation,
+        };
+        // A single node owns the whole ring.
+        let owners: BTreeMap<String, f64> = [(me.node_id.clone(), 1.0)].into_iter().collect();
+        return json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "node_id": &*ctx.node_id,
+                "members": [me],
+                "ring": { "vnodes": ctx.vnodes, "owners": owners },
+            }),
+        );
     };
-    // A single node owns the whole ring.
-    let owners: BTreeMap<String, f64> = [(me.node_id.clone(), 1.0)].into_iter().collect();
+    let view = cluster.borrow().clone();
+    let members: Vec<MemberView> = view
+        .members
+        .iter()
+        .map(|m| MemberView {
+            node_id: m.node.to_string(),
+            // This node's own state is known first-hand.
+            state: if m.is_self {
+                view.state.as_str()
+            } else {
+                m.state.as_str()
+            },
+            client_addr: m.client_addr.clone(),
+            admin_addr: m.admin_addr.clone(),
+            cluster_addr: m.cluster_addr.clone(),
+            generation: m.generation,
+        })
+        .collect();
     json_response(
         StatusCode::OK,
         &serde_json::json!({
             "node_id": &*ctx.node_id,
-            "members": [me],
-            "ring": { "vnodes": ctx.vnodes, "owners": owners },
+            "members": members,
+            "ring": {
+                "vnodes": ctx.vnodes,
+                "version": view.placement.version,
+                "owners": view.placement.shares(),
+            },
         }),
     )
 }

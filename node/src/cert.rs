@@ -437,7 +437,11 @@ mod tests {
             &dir.path().join("ca"),
             "node-1",
             &dir.path().join("out"),
-            &["10.1.2.3".into(), "herald.example".into(), "localhost".into()],
+            &[
+                "10.1.2.3".into(),
+                "herald.example".into(),
+                "localhost".into(),
+            ],
         )
         .expect("node");
         assert_eq!(node.cert, dir.path().join("out/node-1.pem"));
@@ -486,14 +490,21 @@ mod tests {
     fn refuses_to_replace_a_ca_and_bad_names() {
         let dir = TestDir::new("cert-refuse");
         make_ca(dir.path()).expect("ca");
-        assert!(matches!(make_ca(dir.path()), Err(CertError::CaExists { .. })));
+        assert!(matches!(
+            make_ca(dir.path()),
+            Err(CertError::CaExists { .. })
+        ));
         for bad in ["", "../x", "a/b", "é", "a b"] {
             let err = make_node(dir.path(), bad, dir.path(), &[]).expect_err(bad);
-            assert!(matches!(err, CertError::InvalidNodeId { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, CertError::InvalidNodeId { .. }),
+                "{bad}: {err}"
+            );
         }
         let err = make_node(dir.path(), "n1", dir.path(), &["ü.example".into()]).expect_err("san");
         assert!(matches!(err, CertError::InvalidSan { .. }), "{err}");
-        let missing = make_node(&dir.path().join("nope"), "n1", dir.path(), &[]).expect_err("no ca");
+        let missing =
+            make_node(&dir.path().join("nope"), "n1", dir.path(), &[]).expect_err("no ca");
         assert!(missing.to_string().contains("ca.pem"), "{missing}");
     }
 

@@ -44,10 +44,17 @@ use crate::admin::AdminContext;
 use crate::admission::Admission;
 use crate::auth::{Auth, AuthError};
 use crate::client::ClientContext;
+use crate::cluster::ClusterSetup;
 use crate::config::Config;
 use crate::lifecycle::{Lifecycle, Phase};
+use crate::membership::{MemberState, Membership};
 use crate::owner::{NodeId, OwnerLimits};
 use crate::router::{Router, RouterSetup};
+use crate::tls::TlsMaterial;
+use crate::transport::quic::QuicTransport;
+use crate::transport::SharedTransport;
+use protocol::peer::{Hello, PEER_PROTOCOL_VERSION};
+use tokio::sync::{mpsc, watch};
 
 /// How long closing sessions get to say goodbye before the process exits.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +71,14 @@ pub enum NodeError {
     Auth(#[from] AuthError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("node.id is {node} but the certificate in cluster.cert is for {cert}: each node needs its own certificate")]
+    CertificateMismatch { node: String, cert: String },
+    #[error("cluster transport: {0}")]
+    Transport(#[from] transport::quic::QuicError),
+    #[error("membership: {0}")]
+    Membership(#[from] membership::MembershipError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
@@ -86,6 +101,16 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         warn!("auth is off: any client may publish and subscribe to any topic (set auth.hs256_secret or auth.rs256_public_key)");
     }
     let shards = config.shards();
+    let client_listener = bind("client", config.client.listen).await?;
+    let admin_listener = bind("admin", config.admin.listen).await?;
+    let client_addr = client_listener.local_addr().unwrap_or(config.client.listen);
+    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+
+    let peers = if config.clustered() {
+        Some(start_transport(&config, &node_id, generation)?)
+    } else {
+        None
+    };
     let router = Router::start(RouterSetup {
         node: node_id.clone(),
         shards,
@@ -93,7 +118,9 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
             history_messages: config.history.max_messages,
             history_age: config.history.max_age,
         },
-        transport: None,
+        transport: peers
+            .as_ref()
+            .map(|p| p.transport.clone() as SharedTransport),
         request_timeout: config.cluster.request_timeout,
     });
     let lifecycle = Lifecycle::new();
@@ -103,21 +130,54 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         config.client.admission_rate,
     );
 
-    let client_listener = bind("client", config.client.listen).await?;
-    let admin_listener = bind("admin", config.admin.listen).await?;
-    let client_addr = client_listener.local_addr().unwrap_or(config.client.listen);
-    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+    let (cluster, membership) = match peers {
+        Some(peers) => {
+            let host = membership::advertised_host(&config);
+            let advert = membership::SelfAdvert {
+                node: node_id.clone(),
+                generation,
+                client_addr: format!("{host}:{}", client_addr.port()),
+                admin_addr: format!("{host}:{}", admin_addr.port()),
+                cluster_addr: format!("{host}:{}", peers.transport.local_addr().port()),
+            };
+            let members = Membership::start(&config, advert).await?;
+            let (view, state) = cluster::start(ClusterSetup {
+                node: node_id.clone(),
+                vnodes: config.cluster.vnodes,
+                has_seeds: !config.cluster.seeds.is_empty(),
+                join_timeout: config.cluster.join_timeout,
+                router: router.clone(),
+                transport: peers.transport.clone(),
+                inbound: peers.inbound,
+                members: members.watch(),
+                lifecycle: lifecycle.clone(),
+            });
+            let gossip = tokio::spawn(gossip_self(
+                members,
+                state,
+                admission.clone(),
+                lifecycle.watch(),
+            ));
+            (Some(view), Some((gossip, peers.transport)))
+        }
+        None => (None, None),
+    };
+    let cluster_addr = match &membership {
+        Some((_, transport)) => transport.local_addr().to_string(),
+        None => config.cluster.listen.to_string(),
+    };
 
     let admin = Arc::new(AdminContext {
         node_id: node_id.clone(),
         generation,
         client_addr: client_addr.to_string(),
         admin_addr: admin_addr.to_string(),
-        cluster_addr: config.cluster.listen.to_string(),
+        cluster_addr,
         vnodes: config.cluster.vnodes,
         lifecycle: lifecycle.clone(),
         admission: admission.clone(),
         router: router.clone(),
+        cluster,
     });
     tokio::spawn(admin::serve(admin_listener, admin));
 
@@ -142,7 +202,76 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         .await
         .map_err(NodeError::Signals)?;
     drain(&lifecycle, &admission, config.node.drain_grace, signal).await;
+    if let Some((gossip, transport)) = membership {
+        // The gossip task saw Closing: it says goodbye and stops; then the
+        // peers' connections close.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, gossip).await;
+        transport.shutdown().await;
+    }
     Ok(())
+}
+
+/// The QUIC side of a clustered node, before the router exists.
+struct Peers {
+    transport: Arc<QuicTransport>,
+    inbound: mpsc::Receiver<transport::Inbound>,
+}
+
+fn start_transport(config: &Config, node: &NodeId, generation: u64) -> Result<Peers, NodeError> {
+    let material = TlsMaterial::from_config(&config.cluster)?;
+    if material.node_id() != &**node {
+        return Err(NodeError::CertificateMismatch {
+            node: node.to_string(),
+            cert: material.node_id().to_owned(),
+        });
+    }
+    let configs = material.quic_configs(config.cluster.keep_alive, config.cluster.idle_timeout)?;
+    let hello = Hello {
+        version: PEER_PROTOCOL_VERSION,
+        cluster: config.cluster.name.clone(),
+        node_id: node.to_string(),
+        generation,
+    };
+    // Frames from peers wait here for the coordinator: bounded, so a slow
+    // node pushes back on its peers' streams instead of growing.
+    let (inbound_tx, inbound) = mpsc::channel(8192);
+    let transport = QuicTransport::start(config.cluster.listen, &configs, hello, inbound_tx)?;
+    Ok(Peers {
+        transport: Arc::new(transport),
+        inbound,
+    })
+}
+
+/// Keeps what this node gossips about itself current: its state (from the
+/// coordinator) and its load; leaves the cluster when the node closes.
+async fn gossip_self(
+    membership: Membership,
+    mut state: watch::Receiver<MemberState>,
+    admission: Arc<Admission>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let mut load = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Closing {
+                    break;
+                }
+            }
+            changed = state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = *state.borrow_and_update();
+                membership.set_state(now).await;
+            }
+            _ = load.tick() => {
+                membership.set_connections(admission.active() as u64).await;
+            }
+        }
+    }
+    membership.set_state(MemberState::Dead).await;
+    membership.shutdown().await;
 }
 
 /// Stops taking clients, gives open sessions the grace period, then closes

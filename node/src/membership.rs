@@ -1009,7 +1009,7 @@ mod tests {
         // quick restart look like this to peers): one entry, the newer one.
         let mut newer = advert("b", new_generation(), 3);
         newer.generation = newer.generation.max(old_generation + 1);
-        let new_generation = newer.generation;
+        let second_generation = newer.generation;
         let new = Membership::start(&config("herald", "b", seeds), newer)
             .await
             .expect("restart starts");
@@ -1018,7 +1018,7 @@ mod tests {
             v.iter().filter(|m| &*m.node == "b").count() == 1
                 && v.iter().any(|m| {
                     &*m.node == "b"
-                        && m.generation == new_generation
+                        && m.generation == second_generation
                         && m.state == MemberState::Ready
                         && m.client_addr == "127.0.0.1:17403"
                 })
@@ -1036,5 +1036,67 @@ mod tests {
             assert!(is_new(&v), "b is its newer generation: {v:#?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+
+        // A graceful stop and a restart on the same gossip port (a restarted
+        // container): the newest life replaces the one that left as dead.
+        let port = new
+            .watch()
+            .borrow()
+            .iter()
+            .find(|m| m.is_self)
+            .map(|m| m.gossip_addr);
+        let port = port.expect("self listed");
+        new.shutdown().await;
+        wait_for(&a, "b left", |v| {
+            state_of(v, "b") == Some(MemberState::Dead)
+        })
+        .await;
+        let mut third = config("herald", "b", vec![seed_of(&a)]);
+        third.gossip.listen = port;
+        let newest = new_generation().max(second_generation + 1);
+        let third = Membership::start(&third, advert("b", newest, 4))
+            .await
+            .expect("second restart starts");
+        third.set_state(MemberState::Ready).await;
+        wait_for(&a, "newest b", |v| {
+            v.len() == 2
+                && v.iter().any(|m| {
+                    &*m.node == "b" && m.generation == newest && m.state == MemberState::Ready
+                })
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_member_is_forgotten_after_the_grace() {
+        let mut first = config("herald", "a", Vec::new());
+        first.gossip.dead_grace = Duration::from_secs(2);
+        let a = Membership::start(&first, advert("a", new_generation(), 1))
+            .await
+            .expect("starts");
+        let mut second = config("herald", "b", vec![seed_of(&a)]);
+        second.gossip.dead_grace = Duration::from_secs(2);
+        let b = Membership::start(&second, advert("b", new_generation(), 2))
+            .await
+            .expect("starts");
+        wait_for(&a, "b joining", |v| {
+            state_of(v, "b") == Some(MemberState::Joining)
+        })
+        .await;
+        let killed = Instant::now();
+        drop(b);
+        wait_for(&a, "b dead", |v| {
+            state_of(v, "b") == Some(MemberState::Dead)
+        })
+        .await;
+        eprintln!(
+            "2 nodes: killed member seen dead after {:?}",
+            killed.elapsed()
+        );
+        let dead = Instant::now();
+        wait_for(&a, "b forgotten", |v| state_of(v, "b").is_none()).await;
+        let listed = dead.elapsed();
+        eprintln!("dead member listed for {listed:?} with a 2 s grace");
+        assert!(listed >= Duration::from_millis(1500));
     }
 }

@@ -1025,3 +1025,590 @@ impl Tasks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use protocol::peer::{PeerFrame, PEER_PROTOCOL_VERSION};
+
+    use super::*;
+    use crate::cert::{self, TestDir};
+    use crate::tls::TlsMaterial;
+
+    /// Bound on every wait for something that should happen.
+    const WAIT: Duration = Duration::from_secs(15);
+    /// How long nothing must happen, when nothing should.
+    const QUIET: Duration = Duration::from_millis(1500);
+
+    /// A CA with node certificates made on demand.
+    struct Pki {
+        dir: TestDir,
+    }
+
+    impl Pki {
+        fn new(tag: &str) -> Pki {
+            let dir = TestDir::new(tag);
+            cert::make_ca(&dir.path().join("ca")).expect("ca");
+            Pki { dir }
+        }
+
+        fn ca(&self) -> PathBuf {
+            self.dir.path().join("ca").join(cert::CA_CERT_FILE)
+        }
+
+        fn node_files(&self, id: &str) -> cert::NodeFiles {
+            cert::make_node(
+                &self.dir.path().join("ca"),
+                id,
+                &self.dir.path().join("nodes"),
+                &[],
+            )
+            .expect("node cert")
+        }
+
+        fn configs(&self, id: &str) -> QuicConfigs {
+            let files = self.node_files(id);
+            TlsMaterial::load(&self.ca(), &files.cert, &files.key)
+                .expect("load")
+                .quic_configs(Duration::from_millis(500), Duration::from_secs(5))
+                .expect("configs")
+        }
+    }
+
+    fn hello(cluster: &str, id: &str, generation: u64) -> Hello {
+        Hello {
+            version: PEER_PROTOCOL_VERSION,
+            cluster: cluster.into(),
+            node_id: id.into(),
+            generation,
+        }
+    }
+
+    struct Node {
+        transport: QuicTransport,
+        events: mpsc::Receiver<Inbound>,
+        id: NodeId,
+        generation: u64,
+    }
+
+    fn start(configs: &QuicConfigs, hello: Hello) -> Node {
+        let (tx, events) = mpsc::channel(1024);
+        let id: NodeId = Arc::from(hello.node_id.as_str());
+        let generation = hello.generation;
+        let transport = QuicTransport::start_unchecked(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            configs,
+            hello,
+            tx,
+        )
+        .expect("start");
+        Node {
+            transport,
+            events,
+            id,
+            generation,
+        }
+    }
+
+    fn frame(i: u64) -> Bytes {
+        peer::encode(&PeerFrame::InterestAck { req: i }).expect("encode")
+    }
+
+    impl Node {
+        fn addr(&self) -> PeerAddr {
+            PeerAddr {
+                node: self.id.clone(),
+                generation: self.generation,
+                addr: self.transport.local_addr(),
+            }
+        }
+
+        async fn next(&mut self) -> Inbound {
+            match timeout(WAIT, self.events.recv()).await {
+                Ok(Some(event)) => event,
+                Ok(None) => panic!("{}: event channel closed", self.id),
+                Err(_) => panic!("{}: no event within {WAIT:?}", self.id),
+            }
+        }
+
+        async fn expect_up(&mut self, peer: &Node) {
+            match self.next().await {
+                Inbound::PeerUp { node, generation } => {
+                    assert_eq!(node, peer.id, "{}", self.id);
+                    assert_eq!(generation, peer.generation, "{}", self.id);
+                }
+                other => panic!(
+                    "{}: expected PeerUp from {}, got {other:?}",
+                    self.id, peer.id
+                ),
+            }
+        }
+
+        async fn expect_down(&mut self, peer: &NodeId) {
+            match self.next().await {
+                Inbound::PeerDown { node } => assert_eq!(&node, peer, "{}", self.id),
+                other => panic!("{}: expected PeerDown of {peer}, got {other:?}", self.id),
+            }
+        }
+
+        async fn expect_quiet(&mut self, how_long: Duration) {
+            if let Ok(event) = timeout(how_long, self.events.recv()).await {
+                panic!("{}: expected no event, got {event:?}", self.id);
+            }
+        }
+
+        /// Receives `count` frames from `from`, checking they come in order.
+        async fn expect_frames(&mut self, from: &NodeId, count: u64) {
+            for i in 0..count {
+                match self.next().await {
+                    Inbound::Frame {
+                        from: sender,
+                        frame,
+                    } => {
+                        assert_eq!(&sender, from);
+                        let decoded: PeerFrame = peer::decode(&frame).expect("decode");
+                        assert_eq!(decoded, PeerFrame::InterestAck { req: i }, "{}", self.id);
+                    }
+                    other => panic!("{}: expected frame {i}, got {other:?}", self.id),
+                }
+            }
+        }
+
+        /// Shuts down, checking that no task outlives the transport.
+        async fn stop(self) {
+            self.transport.shutdown().await;
+            assert_eq!(self.transport.live_tasks(), 0, "{}: tasks left", self.id);
+        }
+    }
+
+    async fn connect(a: &mut Node, b: &mut Node) {
+        a.transport.set_peers(vec![b.addr()]);
+        b.transport.set_peers(vec![a.addr()]);
+        a.expect_up(b).await;
+        b.expect_up(a).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_flow_both_ways_in_order() {
+        let pki = Pki::new("quic-frames");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        connect(&mut a, &mut b).await;
+
+        const N: u64 = 10_000;
+        for i in 0..N {
+            a.transport.send(&b.id, frame(i)).expect("send a->b");
+            b.transport.send(&a.id, frame(i)).expect("send b->a");
+        }
+        let a_id = a.id.clone();
+        let b_id = b.id.clone();
+        b.expect_frames(&a_id, N).await;
+        a.expect_frames(&b_id, N).await;
+
+        let unknown: NodeId = Arc::from("n9");
+        assert!(matches!(
+            a.transport.send(&unknown, frame(0)),
+            Err(TransportError::NotConnected(_))
+        ));
+        assert_eq!(a.transport.connected(), vec![(b_id.clone(), 1)]);
+
+        a.transport.shutdown().await;
+        a.expect_down(&b_id).await;
+        b.expect_down(&a_id).await;
+        assert!(matches!(
+            b.transport.send(&a_id, frame(0)),
+            Err(TransportError::NotConnected(_))
+        ));
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_does_not_read_fills_the_queue() {
+        let pki = Pki::new("quic-full");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        connect(&mut a, &mut b).await;
+        // b never reads its events: its reader stops, QUIC flow control
+        // stops a's writer, and a's queue fills up instead of blocking.
+        let payload = Bytes::from(vec![7u8; 1024]);
+        let mut full = false;
+        for _ in 0..4 * SEND_QUEUE_FRAMES {
+            match a.transport.send(&b.id, payload.clone()) {
+                Ok(()) => {}
+                Err(TransportError::QueueFull(node)) => {
+                    assert_eq!(node, b.id);
+                    full = true;
+                    break;
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(full, "the queue never filled");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn simultaneous_set_peers_make_one_connection() {
+        let pki = Pki::new("quic-simul");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        let mut c = start(&pki.configs("n3"), hello("herald", "n3", 1));
+        let all = vec![a.addr(), b.addr(), c.addr()];
+        a.transport.set_peers(all.clone());
+        b.transport.set_peers(all.clone());
+        c.transport.set_peers(all);
+        for node in [&mut a, &mut b, &mut c] {
+            let mut up = Vec::new();
+            for _ in 0..2 {
+                match node.next().await {
+                    Inbound::PeerUp { node: peer, .. } => up.push(peer),
+                    other => panic!("{}: {other:?}", node.id),
+                }
+            }
+            up.sort();
+            assert_eq!(up.len(), 2);
+            assert_ne!(up[0], up[1]);
+        }
+        for node in [&mut a, &mut b, &mut c] {
+            node.expect_quiet(QUIET).await;
+            assert_eq!(node.transport.connected().len(), 2, "{}", node.id);
+        }
+        a.stop().await;
+        b.stop().await;
+        c.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn when_both_dial_one_connection_stays() {
+        let pki = Pki::new("quic-both");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        // b is the larger id and would wait; make it dial anyway, like a
+        // node with another rule, racing a's own dial.
+        let b_token = b.transport.inner.stop.child_token();
+        b.transport.inner.tasks.spawn(dial_loop(
+            b.transport.inner.clone(),
+            a.id.clone(),
+            a.generation,
+            a.transport.local_addr(),
+            b_token,
+        ));
+        a.transport.set_peers(vec![b.addr()]);
+        b.transport.set_peers(vec![a.addr()]);
+
+        // Both may see the losing connection come and go; once settled,
+        // each has one link, and it is the one a (the smaller id) dialed.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let a_link = a
+                .transport
+                .inner
+                .read()
+                .links
+                .get(&b.id)
+                .map(|l| l.dialed_by_us);
+            let b_link = b
+                .transport
+                .inner
+                .read()
+                .links
+                .get(&a.id)
+                .map(|l| l.dialed_by_us);
+            if a_link == Some(true) && b_link == Some(false) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never settled: {a_link:?} {b_link:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // b's extra dial loop keeps trying; it must never win again.
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(
+            a.transport
+                .inner
+                .read()
+                .links
+                .get(&b.id)
+                .map(|l| l.dialed_by_us),
+            Some(true)
+        );
+        assert_eq!(
+            b.transport
+                .inner
+                .read()
+                .links
+                .get(&a.id)
+                .map(|l| l.dialed_by_us),
+            Some(false)
+        );
+        for (node, peer) in [(&mut a, b.id.clone()), (&mut b, a.id.clone())] {
+            // Every PeerDown follows a PeerUp; the last event is a PeerUp.
+            let mut up = false;
+            while let Ok(event) = node.events.try_recv() {
+                match event {
+                    Inbound::PeerUp { node: p, .. } if p == peer && !up => up = true,
+                    Inbound::PeerDown { node: p } if p == peer && up => up = false,
+                    other => panic!("{}: out of order: {other:?}", node.id),
+                }
+            }
+            assert!(up, "{}: not up at the end", node.id);
+        }
+        a.transport.send(&b.id, frame(0)).expect("send");
+        let a_id = a.id.clone();
+        b.expect_frames(&a_id, 1).await;
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[test]
+    fn the_tie_break_agrees_on_both_ends() {
+        // (existing, incoming) connections between n1 (smaller) and n2,
+        // described by who dialed them; each end sees "dialed by us" from
+        // its own side.
+        for (old_by_n1, new_by_n1) in [(true, false), (false, true), (true, true), (false, false)] {
+            let n1 = admit(Some((5, old_by_n1)), 5, new_by_n1, true);
+            let n2 = admit(Some((5, !old_by_n1)), 5, !new_by_n1, false);
+            assert_eq!(
+                matches!(n1, Admit::Replace),
+                matches!(n2, Admit::Replace),
+                "old by n1: {old_by_n1}, new by n1: {new_by_n1}"
+            );
+        }
+        assert_eq!(admit(Some((5, false)), 5, true, true), Admit::Replace);
+        assert!(matches!(
+            admit(Some((5, true)), 5, false, true),
+            Admit::Refuse(_)
+        ));
+        assert_eq!(admit(Some((5, true)), 6, false, true), Admit::Replace);
+        assert!(matches!(
+            admit(Some((6, false)), 5, false, true),
+            Admit::Refuse(_)
+        ));
+        assert_eq!(admit(None, 1, false, false), Admit::New);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_generation_replaces_the_connection() {
+        let pki = Pki::new("quic-gen");
+        let b_configs = pki.configs("n2");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&b_configs, hello("herald", "n2", 1));
+        connect(&mut a, &mut b).await;
+
+        // n2 restarts elsewhere while its old process still runs; n1 (the
+        // dialer) learns the new generation from membership.
+        let mut b2 = start(&b_configs, hello("herald", "n2", 2));
+        b2.transport.set_peers(vec![a.addr()]);
+        a.transport.set_peers(vec![b2.addr()]);
+        let b_id = b.id.clone();
+        a.expect_down(&b_id).await;
+        a.expect_up(&b2).await;
+        b2.expect_up(&a).await;
+        b.expect_down(&a.id.clone()).await;
+        assert_eq!(a.transport.connected(), vec![(b_id.clone(), 2)]);
+        a.transport.send(&b_id, frame(0)).expect("send");
+        let a_id = a.id.clone();
+        b2.expect_frames(&a_id, 1).await;
+        b.expect_quiet(QUIET).await;
+        a.stop().await;
+        b.stop().await;
+        b2.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_dialer_replaces_its_old_connection() {
+        let pki = Pki::new("quic-gen-dialer");
+        let z_configs = pki.configs("n0");
+        let mut z = start(&z_configs, hello("herald", "n0", 1));
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        connect(&mut z, &mut a).await;
+
+        // n0 (which dials n1) restarts; n1's membership has not caught up.
+        let mut z2 = start(&z_configs, hello("herald", "n0", 2));
+        z2.transport.set_peers(vec![a.addr()]);
+        let z_id = z.id.clone();
+        a.expect_down(&z_id).await;
+        a.expect_up(&z2).await;
+        z2.expect_up(&a).await;
+        z.expect_down(&a.id.clone()).await;
+        assert_eq!(a.transport.connected(), vec![(z_id, 2)]);
+        a.stop().await;
+        z.stop().await;
+        z2.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_a_certificate_from_the_cluster_ca_never_connects() {
+        let pki = Pki::new("quic-ca");
+        let other = Pki::new("quic-ca-other");
+        let mut good = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        // Entirely from another CA: n0 dials n1, n1 dials n2.
+        let mut stranger_dialer = start(&other.configs("n0"), hello("herald", "n0", 1));
+        let mut stranger_dialed = start(&other.configs("n2"), hello("herald", "n2", 1));
+        // Trusts the cluster CA (so it accepts n1 as a server) but holds a
+        // certificate from the other one: only client verification stops it.
+        let files = other.node_files("m0");
+        let mixed_configs = TlsMaterial::load_unverified(&pki.ca(), &files.cert, &files.key)
+            .expect("load")
+            .quic_configs(Duration::from_millis(500), Duration::from_secs(5))
+            .expect("configs");
+        let mut mixed = start(&mixed_configs, hello("herald", "m0", 1));
+
+        good.transport.set_peers(vec![
+            stranger_dialer.addr(),
+            stranger_dialed.addr(),
+            mixed.addr(),
+        ]);
+        for node in [&stranger_dialer, &stranger_dialed, &mixed] {
+            node.transport.set_peers(vec![good.addr()]);
+        }
+
+        // A client with no certificate at all.
+        let roots = {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in tls::load_certs(&pki.ca(), "ca").expect("ca") {
+                roots.add(ca).expect("root");
+            }
+            Arc::new(roots)
+        };
+        let mut anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        anonymous.alpn_protocols = vec![protocol::peer::PEER_ALPN.to_vec()];
+        let anonymous = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(anonymous).expect("quic"),
+        ));
+        let client =
+            quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("client");
+        let attempt = async {
+            let connection = client
+                .connect_with(anonymous, good.transport.local_addr(), "n1")?
+                .await?;
+            let (send, recv) = connection.open_bi().await?;
+            write_hello(send, &hello("herald", "n7", 1)).await?;
+            read_hello(recv).await
+        };
+        let result = timeout(WAIT, attempt).await.expect("bounded");
+        assert!(result.is_err(), "an anonymous client got a hello");
+
+        good.expect_quiet(QUIET * 2).await;
+        for node in [&mut stranger_dialer, &mut stranger_dialed, &mut mixed] {
+            node.expect_quiet(Duration::from_millis(100)).await;
+            assert!(node.transport.connected().is_empty());
+        }
+        assert!(good.transport.connected().is_empty());
+        client.close(VarInt::from_u32(0), b"");
+        good.stop().await;
+        stranger_dialer.stop().await;
+        stranger_dialed.stop().await;
+        mixed.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_cluster_or_version_is_refused() {
+        let pki = Pki::new("quic-cluster");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("other", "n2", 1));
+        let mut newer = hello("herald", "n0", 1);
+        newer.version += 1;
+        let mut c = start(&pki.configs("n0"), newer);
+        a.transport.set_peers(vec![b.addr(), c.addr()]);
+        b.transport.set_peers(vec![a.addr()]);
+        c.transport.set_peers(vec![a.addr()]);
+        a.expect_quiet(QUIET).await;
+        b.expect_quiet(Duration::from_millis(100)).await;
+        c.expect_quiet(Duration::from_millis(100)).await;
+        a.stop().await;
+        b.stop().await;
+        c.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hello_that_does_not_match_the_certificate_is_refused() {
+        let pki = Pki::new("quic-impostor");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        // Holds n2's certificate but claims to be n0 (and so dials n1).
+        let n2 = pki.configs("n2");
+        let (tx, _rx) = mpsc::channel(16);
+        let refused = QuicTransport::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &n2,
+            hello("herald", "n0", 1),
+            tx,
+        );
+        assert!(matches!(refused, Err(QuicError::IdentityMismatch { .. })));
+        let mut impostor = start(&n2, hello("herald", "n0", 1));
+        impostor.transport.set_peers(vec![a.addr()]);
+        a.transport.set_peers(vec![impostor.addr()]);
+        a.expect_quiet(QUIET).await;
+        impostor.expect_quiet(Duration::from_millis(100)).await;
+        assert!(a.transport.connected().is_empty());
+        a.stop().await;
+        impostor.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn set_peers_without_a_node_closes_its_connection() {
+        let pki = Pki::new("quic-remove");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        connect(&mut a, &mut b).await;
+        let (a_id, b_id) = (a.id.clone(), b.id.clone());
+
+        // The dialed side drops the dialer: the dialer keeps re-dialing (it
+        // still lists n2) and is refused each time.
+        b.transport.set_peers(Vec::new());
+        b.expect_down(&a_id).await;
+        a.expect_down(&b_id).await;
+        a.expect_quiet(QUIET).await;
+        b.expect_quiet(Duration::from_millis(100)).await;
+        assert!(matches!(
+            b.transport.send(&a_id, frame(0)),
+            Err(TransportError::NotConnected(_))
+        ));
+
+        // Listed again: the dialer gets in.
+        b.transport.set_peers(vec![a.addr()]);
+        a.expect_up(&b).await;
+        b.expect_up(&a).await;
+
+        // The dialer drops the dialed: nobody dials any more.
+        a.transport.set_peers(Vec::new());
+        a.expect_down(&b_id).await;
+        b.expect_down(&a_id).await;
+        a.expect_quiet(QUIET).await;
+        b.expect_quiet(Duration::from_millis(100)).await;
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[test]
+    fn hello_checks_name_the_reason() {
+        let local = hello("herald", "n1", 1);
+        let ok = hello("herald", "n2", 3);
+        assert_eq!(check_hello(&local, "n2", &ok, Some(("n2", 3))), Ok(()));
+        let close = |h: &Hello, cert: &str, dialed| {
+            check_hello(&local, cert, h, dialed).map_err(|r| r.close)
+        };
+        let mut v = ok.clone();
+        v.version += 1;
+        assert_eq!(close(&v, "n2", None), Err(Close::Version));
+        assert_eq!(close(&hello("x", "n2", 3), "n2", None), Err(Close::Cluster));
+        assert_eq!(close(&ok, "n3", None), Err(Close::Identity));
+        assert_eq!(
+            close(&hello("herald", "n1", 3), "n1", None),
+            Err(Close::Identity)
+        );
+        assert_eq!(close(&ok, "n2", Some(("n4", 3))), Err(Close::Identity));
+        assert_eq!(close(&ok, "n2", Some(("n2", 4))), Err(Close::Stale));
+    }
+}
