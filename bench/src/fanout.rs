@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::group::{DoneCommand, FanoutGroupSpec, GroupReport, ReadyReport};
+use crate::group::{DoneCommand, GroupReport, GroupSpec, Layout, ReadyReport};
 use crate::payload;
 use crate::publisher::{self, PublishPlan, PublishReport};
 use crate::session::{Codec, ParseMode, SubscriberSettings, Target};
@@ -58,6 +58,12 @@ pub struct FanoutArgs {
     /// Topic (NATS subject); default: a fresh one per run.
     #[arg(long)]
     pub topic: Option<String>,
+    /// Pause between the last confirmed subscription and the first publish.
+    /// Default: 0 for herald (its `ok` means the subscription is live
+    /// cluster-wide), 1 s for nats with several URLs (a `PONG` only confirms
+    /// the local server; routes learn of the interest a little later).
+    #[arg(long)]
+    pub settle_secs: Option<f64>,
     /// After publishing, stop waiting when no delivery arrived for this many seconds.
     #[arg(long, default_value_t = 3.0)]
     pub drain_secs: f64,
@@ -126,13 +132,15 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     let procs = args.sub_procs.clamp(1, args.subscribers);
     let mut workers = Vec::with_capacity(procs);
     for (i, (offset, count)) in shares(args.subscribers, procs).into_iter().enumerate() {
-        let spec = WorkerSpec::Fanout(FanoutGroupSpec {
+        let spec = WorkerSpec::Group(GroupSpec {
             settings: settings.clone(),
             urls: urls.clone(),
-            topic: topic.clone(),
+            layout: Layout::Fanout {
+                topic: topic.clone(),
+                messages: args.messages,
+            },
             offset,
             count,
-            messages: args.messages,
             connect_concurrency: args.connect_concurrency,
             deadline_secs: args.timeout_secs,
         });
@@ -161,13 +169,14 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     if ready.subscribed == 0 {
         bail!("no subscriber could subscribe");
     }
+    settle(args.settle_secs, args.target, urls.len()).await;
 
     let plan = PublishPlan {
         target: args.target,
         codec: args.codec,
         url: urls[0].clone(),
-        topic: topic.clone(),
-        messages: args.messages,
+        topics: vec![topic.clone()],
+        counts: vec![args.messages],
         payload_bytes: args.payload_bytes,
         rate: args.rate,
         window: args.window,
@@ -175,7 +184,7 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     };
     let published = publisher::publish(&plan).await;
     let done = DoneCommand {
-        final_seq: published.as_ref().ok().and_then(|p| p.final_seq),
+        final_seqs: vec![published.as_ref().ok().and_then(|p| p.final_seq)],
         drain_timeout_ms: (args.drain_secs * 1e3) as u64,
     };
     for worker in &mut workers {
@@ -224,6 +233,18 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
         println!("JSON {}", serde_json::to_string(&summary)?);
     }
     Ok(summary)
+}
+
+/// Waits `secs` (or the target's default) before publishing.
+pub async fn settle(secs: Option<f64>, target: Target, urls: usize) {
+    let secs = secs.unwrap_or(match target {
+        Target::Nats if urls > 1 => 1.0,
+        _ => 0.0,
+    });
+    if secs > 0.0 {
+        eprintln!("settling {secs} s before publishing");
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    }
 }
 
 fn print_summary(s: &FanoutSummary) {

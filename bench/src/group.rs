@@ -1,10 +1,12 @@
-//! A group of fan-out subscribers, run inside one child process.
+//! A group of subscribers (fan-out or per-topic), run inside one child
+//! process.
 //!
 //! The group connects its share of subscribers, reports `READY` once every
 //! subscription is confirmed, keeps reading while the parent publishes, and
 //! after the parent's `DONE` waits until every subscriber has all messages
 //! (or deliveries stop for the drain timeout), then reports `RESULT`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -17,20 +19,61 @@ use tokio::time::Instant;
 use crate::clock::now_ns;
 use crate::session::{AnySubscriber, FrameOutcome, SubscriberConn, SubscriberSettings};
 use crate::stats::{new_histogram, DeliveryTally, DeliveryTracker, HistogramData, SharedHistogram};
+use crate::topics::TopicLayout;
 use crate::worker::ParentLink;
 use crate::ws::{self, BufferProfile};
 
-/// What one fan-out child does.
+/// Which topic and URL each subscriber gets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FanoutGroupSpec {
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Layout {
+    /// Every subscriber on one topic (id 0); subscriber `n` on `urls[n % U]`.
+    Fanout { topic: String, messages: u64 },
+    /// Per-topic subscribers: see [`TopicLayout`].
+    Topics(TopicLayout),
+}
+
+/// Where subscriber `n` goes: its URL, topic name, topic id and message count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub url: String,
+    pub topic: String,
+    pub topic_id: usize,
+    pub messages: u64,
+}
+
+impl Layout {
+    /// Subscriber `n`'s placement.
+    pub fn place(&self, urls: &[String], n: usize) -> Placement {
+        match self {
+            Layout::Fanout { topic, messages } => Placement {
+                url: ws::url_for(urls, n).to_string(),
+                topic: topic.clone(),
+                topic_id: 0,
+                messages: *messages,
+            },
+            Layout::Topics(layout) => {
+                let t = layout.topic_of_subscriber(n);
+                Placement {
+                    url: urls[layout.subscriber_url(t, urls.len())].clone(),
+                    topic: layout.topic_name(t),
+                    topic_id: t,
+                    messages: layout.messages_of(t),
+                }
+            }
+        }
+    }
+}
+
+/// What one subscriber child does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupSpec {
     pub settings: SubscriberSettings,
     pub urls: Vec<String>,
-    pub topic: String,
-    /// Index of this group's first subscriber among all (for spreading over URLs).
+    pub layout: Layout,
+    /// Index of this group's first subscriber among all.
     pub offset: usize,
     pub count: usize,
-    /// Messages the publisher will send.
-    pub messages: u64,
     pub connect_concurrency: usize,
     /// The child exits by itself after this long.
     pub deadline_secs: f64,
@@ -44,11 +87,11 @@ pub struct ReadyReport {
     pub first_error: Option<String>,
 }
 
-/// `DONE`: the publisher finished.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// `DONE`: the publishers finished.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DoneCommand {
-    /// The last `seq` the publisher had acknowledged (Herald).
-    pub final_seq: Option<u64>,
+    /// The last `seq` acknowledged to the publisher of each topic, by topic id (Herald).
+    pub final_seqs: Vec<Option<u64>>,
     /// Stop waiting when no delivery arrived for this long.
     pub drain_timeout_ms: u64,
 }
@@ -58,13 +101,58 @@ pub struct DoneCommand {
 pub struct GroupReport {
     pub tally: DeliveryTally,
     pub latency: HistogramData,
+    /// Topics where some subscriber saw loss, duplicates, disorder or a disconnect.
+    pub issues: Vec<TopicIssue>,
 }
 
-/// Told to every subscriber at the end.
-#[derive(Debug, Clone, Copy)]
-struct StopInfo {
-    final_seq: Option<u64>,
+/// What went wrong on one topic (summed over its subscribers).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicIssue {
+    pub topic_id: usize,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub seq_lost: u64,
+    pub seq_out_of_order: u64,
+    pub disconnected: u64,
+    pub errors: u64,
 }
+
+impl TopicIssue {
+    /// The issue of one subscriber's tally, if it had any.
+    pub fn of(topic_id: usize, t: &DeliveryTally) -> Option<TopicIssue> {
+        let issue = TopicIssue {
+            topic_id,
+            lost: t.lost,
+            duplicates: t.duplicates,
+            out_of_order: t.out_of_order,
+            seq_lost: t.seq_lost,
+            seq_out_of_order: t.seq_out_of_order,
+            disconnected: t.disconnected,
+            errors: t.errors,
+        };
+        (issue
+            != TopicIssue {
+                topic_id,
+                ..TopicIssue::default()
+            })
+        .then_some(issue)
+    }
+
+    /// Adds another issue of the same topic.
+    pub fn merge(&mut self, o: &TopicIssue) {
+        self.lost += o.lost;
+        self.duplicates += o.duplicates;
+        self.out_of_order += o.out_of_order;
+        self.seq_lost += o.seq_lost;
+        self.seq_out_of_order += o.seq_out_of_order;
+        self.disconnected += o.disconnected;
+        self.errors += o.errors;
+    }
+}
+
+/// Told to every subscriber at the end: the final seq of every topic.
+type StopInfo = Arc<Vec<Option<u64>>>;
 
 #[derive(Default)]
 struct Progress {
@@ -74,7 +162,7 @@ struct Progress {
 }
 
 /// Runs the group in a child process, talking to the parent through `link`.
-pub async fn run(spec: FanoutGroupSpec, link: &mut ParentLink) -> Result<()> {
+pub async fn run(spec: GroupSpec, link: &mut ParentLink) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(spec.deadline_secs);
     let histogram: SharedHistogram = Arc::new(Mutex::new(new_histogram()));
     let progress = Arc::new(Progress::default());
@@ -84,20 +172,25 @@ pub async fn run(spec: FanoutGroupSpec, link: &mut ParentLink) -> Result<()> {
 
     let mut tasks = Vec::with_capacity(spec.count);
     for n in 0..spec.count {
-        let url = ws::url_for(&spec.urls, spec.offset + n).to_string();
-        tasks.push(tokio::spawn(subscriber_task(
-            SubscriberJob {
-                settings: spec.settings.clone(),
-                url,
-                topic: spec.topic.clone(),
-                messages: spec.messages,
-            },
-            connect_limit.clone(),
-            ready_tx.clone(),
-            stop_rx.clone(),
-            histogram.clone(),
-            progress.clone(),
-        )));
+        let placement = spec.layout.place(&spec.urls, spec.offset + n);
+        let topic_id = placement.topic_id;
+        tasks.push((
+            topic_id,
+            tokio::spawn(subscriber_task(
+                SubscriberJob {
+                    settings: spec.settings.clone(),
+                    url: placement.url,
+                    topic: placement.topic,
+                    messages: placement.messages,
+                    topic_id,
+                },
+                connect_limit.clone(),
+                ready_tx.clone(),
+                stop_rx.clone(),
+                histogram.clone(),
+                progress.clone(),
+            )),
+        ));
     }
     drop(ready_tx);
 
@@ -124,17 +217,28 @@ pub async fn run(spec: FanoutGroupSpec, link: &mut ParentLink) -> Result<()> {
         }
     };
 
-    if let Some(done) = done {
+    if let Some(done) = &done {
         wait_for_drain(&progress, ready.subscribed, done.drain_timeout_ms, deadline).await;
     }
-    let _ = stop_tx.send(Some(StopInfo {
-        final_seq: done.and_then(|d| d.final_seq),
-    }));
+    let final_seqs = done.map(|d| d.final_seqs).unwrap_or_default();
+    let _ = stop_tx.send(Some(Arc::new(final_seqs)));
 
     let mut tally = DeliveryTally::default();
-    for task in tasks {
+    let mut issues: BTreeMap<usize, TopicIssue> = BTreeMap::new();
+    for (topic_id, task) in tasks {
         match task.await {
-            Ok(Some(sub)) => tally.merge(&sub),
+            Ok(Some(sub)) => {
+                tally.merge(&sub);
+                if let Some(issue) = TopicIssue::of(topic_id, &sub) {
+                    issues
+                        .entry(topic_id)
+                        .or_insert_with(|| TopicIssue {
+                            topic_id,
+                            ..TopicIssue::default()
+                        })
+                        .merge(&issue);
+                }
+            }
             Ok(None) => {}
             Err(e) => tally.note_error(format!("subscriber task failed: {e}")),
         }
@@ -143,7 +247,14 @@ pub async fn run(spec: FanoutGroupSpec, link: &mut ParentLink) -> Result<()> {
         let histogram = histogram.lock().unwrap_or_else(PoisonError::into_inner);
         HistogramData::from_histogram(&histogram)
     };
-    link.report("RESULT", &GroupReport { tally, latency })?;
+    link.report(
+        "RESULT",
+        &GroupReport {
+            tally,
+            latency,
+            issues: issues.into_values().collect(),
+        },
+    )?;
     Ok(())
 }
 
@@ -173,6 +284,7 @@ struct SubscriberJob {
     url: String,
     topic: String,
     messages: u64,
+    topic_id: usize,
 }
 
 /// One subscriber: subscribe, then read until told to stop. `None` if it never subscribed.
@@ -213,7 +325,7 @@ async fn subscriber_task(
     let mut error = None;
     let mut server_errors = 0u64;
     loop {
-        if let Some(_stop) = *stop_rx.borrow_and_update() {
+        if stop_rx.borrow_and_update().is_some() {
             break;
         }
         tokio::select! {
@@ -261,7 +373,10 @@ async fn subscriber_task(
     } else {
         conn.close().await;
     }
-    let final_seq = stop_rx.borrow().and_then(|s| s.final_seq);
+    let final_seq = stop_rx
+        .borrow()
+        .as_ref()
+        .and_then(|seqs| seqs.get(job.topic_id).copied().flatten());
     let mut tally = tracker.finish(final_seq);
     tally.server_errors = server_errors;
     if let Some(code) = ended {

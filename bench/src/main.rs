@@ -3,6 +3,11 @@
 //!
 //! - `fanout`: S subscribers on one topic, one publisher; deliveries per
 //!   second, latency percentiles, loss, duplicates and order.
+//! - `topics`: T topics with K subscribers each, every message crossing
+//!   nodes (subscribers of topic t on URL t % U, its publisher on URL
+//!   (t + 1) % U); the same figures, with loss and order checked per topic.
+//! - `compare`: one of those scenarios against Herald and NATS in one run,
+//!   with the Herald/NATS ratios.
 //! - `idle`: C quiet subscribed connections; the broker's memory per
 //!   connection.
 //!
@@ -11,6 +16,7 @@
 //! every core. Only loopback addresses are ever connected to.
 
 mod clock;
+mod compare;
 mod fanout;
 mod group;
 mod herald;
@@ -20,6 +26,7 @@ mod payload;
 mod publisher;
 mod session;
 mod stats;
+mod topics;
 mod worker;
 mod ws;
 
@@ -43,9 +50,13 @@ struct Cli {
 enum Command {
     /// Fan-out: S subscribers on one topic, one publisher sending N messages.
     Fanout(fanout::FanoutArgs),
+    /// Topics: T topics, K subscribers each, every message crossing nodes.
+    Topics(topics::TopicsArgs),
+    /// Runs a scenario against Herald and NATS and prints Herald/NATS ratios.
+    Compare(compare::CompareArgs),
     /// Idle connections: the broker's memory per subscribed connection.
     Idle(idle::IdleArgs),
-    /// Internal: a child process started by `fanout` or `idle`.
+    /// Internal: a child process started by another mode.
     #[command(hide = true)]
     Worker {
         /// Tokio worker threads.
@@ -64,6 +75,11 @@ fn main() -> Result<()> {
             fanout::run(args).await?;
             Ok(())
         }),
+        Command::Topics(args) => runtime(2)?.block_on(async {
+            topics::run(args).await?;
+            Ok(())
+        }),
+        Command::Compare(args) => runtime(2)?.block_on(compare::run(args)),
         Command::Idle(args) => runtime(1)?.block_on(async {
             idle::run(args).await?;
             Ok(())
@@ -73,7 +89,7 @@ fn main() -> Result<()> {
             runtime(threads)?.block_on(async {
                 let mut link = ParentLink::new();
                 match spec {
-                    WorkerSpec::Fanout(spec) => group::run(spec, &mut link).await,
+                    WorkerSpec::Group(spec) => group::run(spec, &mut link).await,
                     WorkerSpec::Idle(spec) => idle::run_group(spec, &mut link).await,
                 }
             })
@@ -87,4 +103,14 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

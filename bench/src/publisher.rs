@@ -1,9 +1,14 @@
-//! The fan-out publisher: N messages at a fixed rate or as fast as the
-//! broker confirms them.
+//! A publisher connection: messages to one or more topics at a fixed rate or
+//! as fast as the broker confirms them.
+//!
+//! A connection publishing to several topics sends them round robin: message
+//! `i` of every topic, then message `i + 1` of every topic that has one, and so
+//! on; each topic's payload indices run from 0.
 //!
 //! At most `window` messages are unconfirmed at any time. Herald confirms
-//! each `pub` with an `ok` (its id is the message index + 1; the `ok`
-//! carries the `seq`). NATS has no acknowledgements, so a `PING` follows
+//! each `pub` with an `ok` (its id is `slot << 32 | (index + 1)`, where
+//! `slot` is the topic's place in the plan, so the `ok` can be tied to its
+//! topic; the `ok` carries the topic's `seq`). NATS has no acknowledgements, so a `PING` follows
 //! every `window / 4` messages and its `PONG` confirms them (the server
 //! handles a connection's operations in order, so by then they were fanned
 //! out). The send timestamp is taken when a message is encoded, so time
@@ -38,8 +43,10 @@ pub struct PublishPlan {
     pub target: Target,
     pub codec: Codec,
     pub url: String,
-    pub topic: String,
-    pub messages: u64,
+    /// Topics this connection publishes to (its slots).
+    pub topics: Vec<String>,
+    /// Messages for each topic, indices `0..count`.
+    pub counts: Vec<u64>,
     pub payload_bytes: usize,
     /// Messages per second; 0 for as fast as the window allows.
     pub rate: f64,
@@ -57,19 +64,21 @@ pub struct PublishReport {
     pub last_send_ns: u64,
     /// When the last confirmation arrived.
     pub confirmed_ns: u64,
-    /// The highest `seq` in Herald's acknowledgements.
+    /// The highest `seq` in Herald's acknowledgements for the first topic.
     pub final_seq: Option<u64>,
+    /// The highest acknowledged `seq` of each topic, by slot (Herald).
+    #[serde(skip)]
+    pub final_seqs: Vec<Option<u64>>,
     pub server_errors: u64,
     pub first_error: Option<String>,
     /// How far the publisher fell behind its schedule at worst (rate mode).
     pub max_behind_ns: u64,
 }
 
-#[derive(Default)]
 struct AckState {
     confirmed: AtomicU64,
-    max_seq: AtomicU64,
-    saw_seq: AtomicU64,
+    /// Highest acknowledged `seq` by slot; 0 when none (Herald's first seq is 1).
+    max_seqs: Vec<AtomicU64>,
     server_errors: AtomicU64,
     first_error: Mutex<Option<String>>,
     /// NATS: messages covered by each outstanding PING, oldest first.
@@ -77,6 +86,16 @@ struct AckState {
 }
 
 impl AckState {
+    fn new(slots: usize) -> Self {
+        AckState {
+            confirmed: AtomicU64::new(0),
+            max_seqs: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            server_errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            ping_batches: Mutex::new(VecDeque::new()),
+        }
+    }
+
     fn note_error(&self, error: String) {
         self.server_errors.fetch_add(1, Ordering::Relaxed);
         self.first_error
@@ -91,6 +110,12 @@ pub async fn publish(plan: &PublishPlan) -> Result<PublishReport> {
     if plan.window == 0 {
         bail!("--window must be at least 1");
     }
+    if plan.topics.is_empty() || plan.topics.len() != plan.counts.len() {
+        bail!("a publish plan needs one count per topic");
+    }
+    if plan.topics.len() as u64 > u64::from(u32::MAX) || plan.counts.iter().any(|&c| c >= 1 << 32) {
+        bail!("too many topics or messages for one publisher");
+    }
     let subprotocol = match plan.target {
         Target::Herald => Some(herald::subprotocol(plan.codec)),
         Target::Nats => None,
@@ -103,7 +128,7 @@ pub async fn publish(plan: &PublishPlan) -> Result<PublishReport> {
     }
     let (sink, stream) = ws.split();
     let window = Arc::new(Semaphore::new(plan.window));
-    let acks = Arc::new(AckState::default());
+    let acks = Arc::new(AckState::new(plan.topics.len()));
     let reader = match plan.target {
         Target::Herald => tokio::spawn(read_herald_acks(
             stream,
@@ -120,9 +145,12 @@ pub async fn publish(plan: &PublishPlan) -> Result<PublishReport> {
     reader.abort();
     let mut report = result?;
     report.confirmed = acks.confirmed.load(Ordering::Relaxed);
-    if acks.saw_seq.load(Ordering::Relaxed) > 0 {
-        report.final_seq = Some(acks.max_seq.load(Ordering::Relaxed));
-    }
+    report.final_seqs = acks
+        .max_seqs
+        .iter()
+        .map(|seq| Some(seq.load(Ordering::Relaxed)).filter(|&s| s > 0))
+        .collect();
+    report.final_seq = report.final_seqs.first().copied().flatten();
     report.server_errors = acks.server_errors.load(Ordering::Relaxed);
     report.first_error = acks
         .first_error
@@ -139,7 +167,15 @@ async fn send_all(
     acks: &AckState,
 ) -> Result<PublishReport> {
     let mut report = PublishReport::default();
-    let mut herald_encoder = PubEncoder::new(plan.codec, &plan.topic, plan.payload_bytes);
+    let mut herald_encoders: Vec<PubEncoder> = match plan.target {
+        Target::Herald => plan
+            .topics
+            .iter()
+            .map(|topic| PubEncoder::new(plan.codec, topic, plan.payload_bytes))
+            .collect(),
+        Target::Nats => Vec::new(),
+    };
+    let total: u64 = plan.counts.iter().sum();
     let mut nats_payload = Vec::with_capacity(plan.payload_bytes + 64);
     let ping_every = (plan.window as u64 / 4).max(1);
     let mut unpinged = 0u64;
@@ -150,9 +186,10 @@ async fn send_all(
     };
     let start = Instant::now();
     let mut unflushed = 0u64;
-    for index in 0..plan.messages {
+    for (k, (slot, index)) in Schedule::new(&plan.counts).enumerate() {
+        let k = k as u64;
         if interval_ns > 0 {
-            let due = start + Duration::from_nanos(index * interval_ns);
+            let due = start + Duration::from_nanos(k * interval_ns);
             let now = Instant::now();
             if due > now {
                 if unflushed > 0 {
@@ -179,19 +216,21 @@ async fn send_all(
             }
         }
         let sent_ns = now_ns();
-        if index == 0 {
+        if k == 0 {
             report.first_send_ns = sent_ns;
         }
         report.last_send_ns = sent_ns;
         let frame = match plan.target {
-            Target::Herald => herald_encoder.encode(index + 1, index, sent_ns),
+            Target::Herald => {
+                herald_encoders[slot].encode(((slot as u64) << 32) | (index + 1), index, sent_ns)
+            }
             Target::Nats => {
                 let mut pl = Vec::with_capacity(plan.payload_bytes + 32);
                 payload::encode(index, sent_ns, plan.payload_bytes, &mut pl);
                 nats_payload.clear();
-                nats::encode_pub(&plan.topic, &pl, &mut nats_payload);
+                nats::encode_pub(&plan.topics[slot], &pl, &mut nats_payload);
                 unpinged += 1;
-                if unpinged == ping_every || index + 1 == plan.messages {
+                if unpinged == ping_every || k + 1 == total {
                     acks.ping_batches
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -228,6 +267,45 @@ async fn send_all(
     Ok(report)
 }
 
+/// The order a publisher sends in: `(slot, index)` pairs, round robin over
+/// the slots, each slot's indices rising from 0 to its count.
+struct Schedule<'a> {
+    counts: &'a [u64],
+    round: u64,
+    slot: usize,
+    rounds: u64,
+}
+
+impl<'a> Schedule<'a> {
+    fn new(counts: &'a [u64]) -> Self {
+        Schedule {
+            counts,
+            round: 0,
+            slot: 0,
+            rounds: counts.iter().copied().max().unwrap_or(0),
+        }
+    }
+}
+
+impl Iterator for Schedule<'_> {
+    type Item = (usize, u64);
+
+    fn next(&mut self) -> Option<(usize, u64)> {
+        while self.round < self.rounds {
+            while self.slot < self.counts.len() {
+                let slot = self.slot;
+                self.slot += 1;
+                if self.round < self.counts[slot] {
+                    return Some((slot, self.round));
+                }
+            }
+            self.slot = 0;
+            self.round += 1;
+        }
+        None
+    }
+}
+
 async fn read_herald_acks(
     mut stream: SplitStream<Ws>,
     parser: FrameParser,
@@ -261,11 +339,10 @@ async fn read_herald_acks(
         }
         for reply in replies.drain(..) {
             match reply {
-                Reply::Ok { id: Some(_), seq } => {
+                Reply::Ok { id: Some(id), seq } => {
                     acks.confirmed.fetch_add(1, Ordering::Relaxed);
-                    if let Some(seq) = seq {
-                        acks.max_seq.fetch_max(seq, Ordering::Relaxed);
-                        acks.saw_seq.store(1, Ordering::Relaxed);
+                    if let (Some(seq), Some(max)) = (seq, acks.max_seqs.get((id >> 32) as usize)) {
+                        max.fetch_max(seq, Ordering::Relaxed);
                     }
                     window.add_permits(1);
                 }
@@ -320,5 +397,18 @@ async fn read_nats_pongs(mut stream: SplitStream<Ws>, window: Arc<Semaphore>, ac
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Schedule;
+
+    #[test]
+    fn schedule_is_round_robin_over_uneven_counts() {
+        let order: Vec<_> = Schedule::new(&[3, 1, 2]).collect();
+        assert_eq!(order, vec![(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]);
+        assert_eq!(Schedule::new(&[0, 0]).count(), 0);
+        assert_eq!(Schedule::new(&[5]).count(), 5);
     }
 }

@@ -15,14 +15,15 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::group::FanoutGroupSpec;
+use crate::group::GroupSpec;
 use crate::idle::IdleGroupSpec;
 
 /// What a child process is asked to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum WorkerSpec {
-    Fanout(FanoutGroupSpec),
+    /// Subscribers (fan-out or topics).
+    Group(GroupSpec),
     Idle(IdleGroupSpec),
 }
 

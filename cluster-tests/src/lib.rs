@@ -1,17 +1,19 @@
 //! Harness for Herald's end-to-end tests: real `herald` processes (see
 //! [`node`]) driven by real clients over WebSocket ([`ws`]) and HTTP
-//! ([`http`]), with a reader for `/metrics` ([`metrics`]) and JWT minting
-//! ([`jwt`]).
+//! ([`http`]), with a reader for `/metrics` ([`metrics`]), JWT minting
+//! ([`jwt`]) and cluster certificates ([`certs`]).
 //!
 //! Tests run in parallel threads; every node gets its own ports and its own
 //! scratch directory, and every wait is bounded.
 
+pub mod certs;
 pub mod http;
 pub mod jwt;
 pub mod metrics;
 pub mod node;
 pub mod ws;
 
+pub use certs::{Ca, NodeCert};
 pub use http::HttpResponse;
 pub use metrics::Metrics;
 pub use node::{herald_bin, Cluster, Node, NodeBuilder};

@@ -5,7 +5,7 @@
 //! `/healthz` answers 200. A [`Node`] kills its process when dropped, and
 //! prints the tail of the node's log when the test is failing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
@@ -16,13 +16,30 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
 
+use crate::certs::{Ca, NodeCert};
 use crate::http::{self, HttpResponse};
 use crate::metrics::Metrics;
 use crate::ws::{WsClient, WsConnect};
 
 /// How long a node may take to answer `/healthz` after it was spawned.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cluster timings for tests on one machine: fast gossip, a short join
+/// timeout, quick detection of a dead QUIC connection, and dead members
+/// listed long enough for a test to see them as `dead`.
+pub const TEST_CLUSTER_FLAGS: &[(&str, &str)] = &[
+    ("--gossip-interval", "100ms"),
+    ("--cluster-join-timeout", "2s"),
+    ("--gossip-dead-grace", "30s"),
+    ("--cluster-keep-alive", "500ms"),
+    ("--cluster-idle-timeout", "3s"),
+];
+
+/// How long [`Cluster::start`] (and [`Cluster::wait_converged`]) wait for
+/// every node to list every other on its ring and be ready.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The `herald` binary under test: `HERALD_BIN`, else `target/<profile>/herald`
 /// next to the directory holding the test executable, brought up to date
@@ -199,8 +216,46 @@ impl NodeBuilder {
         args
     }
 
-    /// Spawns the node and waits until `/healthz` answers 200.
-    pub async fn start(self) -> Result<Node> {
+    /// Sets `flag` to `value`: replaces the value of an earlier `flag` in
+    /// [`NodeBuilder::args`] (herald refuses a flag given twice), else
+    /// appends both.
+    pub fn flag(mut self, flag: &str, value: &str) -> Self {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_owned(),
+            _ => {
+                self.args.push(flag.to_owned());
+                self.args.push(value.to_owned());
+            }
+        }
+        self
+    }
+
+    /// Cluster mutual TLS with this certificate (`--cluster-ca`,
+    /// `--cluster-cert`, `--cluster-key`).
+    pub fn cluster_tls(self, cert: &NodeCert) -> Self {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        self.flag("--cluster-ca", &path(&cert.ca))
+            .flag("--cluster-cert", &path(&cert.cert))
+            .flag("--cluster-key", &path(&cert.key))
+    }
+
+    /// Cluster mutual TLS with a certificate for this node's id from the
+    /// test process's shared CA ([`Ca::shared`]).
+    pub fn shared_cluster_tls(self) -> Result<Self> {
+        let cert = Ca::shared()?.node(&self.id)?;
+        Ok(self.cluster_tls(&cert))
+    }
+
+    /// The short, LAN-like cluster timings of [`TEST_CLUSTER_FLAGS`]; each
+    /// can be overridden afterwards with [`NodeBuilder::flag`].
+    pub fn cluster_timings(self) -> Self {
+        TEST_CLUSTER_FLAGS
+            .iter()
+            .fold(self, |b, (flag, value)| b.flag(flag, value))
+    }
+
+    /// Spawns the process with its output going to a fresh log file.
+    fn spawn(&self) -> Result<(Child, PathBuf, PathBuf)> {
         let dir = scratch_dir(&self.id)?;
         let log_path = dir.join(format!("{}.log", self.id));
         let log = File::create(&log_path)?;
@@ -230,6 +285,12 @@ impl NodeBuilder {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn herald for node {}", self.id))?;
+        Ok((child, dir, log_path))
+    }
+
+    /// Spawns the node and waits until `/healthz` answers 200.
+    pub async fn start(self) -> Result<Node> {
+        let (child, dir, log_path) = self.spawn()?;
         let mut node = Node {
             child,
             exit: None,
@@ -239,6 +300,25 @@ impl NodeBuilder {
         };
         node.wait_healthy().await?;
         Ok(node)
+    }
+
+    /// Runs the node expecting it to exit by itself within `timeout` (a
+    /// start it must refuse); returns its exit status and its output. A
+    /// node still running then is killed and that is an error.
+    pub async fn run_to_exit(self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let (child, dir, log_path) = self.spawn()?;
+        let mut node = Node {
+            child,
+            exit: None,
+            config: self,
+            dir,
+            log_path,
+        };
+        let status = node
+            .wait_exit(timeout)
+            .await
+            .with_context(|| format!("log so far:\n{}", node.log()))?;
+        Ok((status, node.log()))
     }
 }
 
@@ -455,6 +535,107 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Whether the harness has seen the process exit (after
+    /// [`Node::kill9`], [`Node::wait_exit`] or [`Node::has_exited`]).
+    pub fn exited(&self) -> bool {
+        self.exit.is_some()
+    }
+
+    /// SIGKILL, then waits (bounded) until the process is gone.
+    pub async fn kill9(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_exit()? {
+            return Ok(status);
+        }
+        self.signal(libc::SIGKILL)?;
+        self.wait_exit(Duration::from_secs(5)).await
+    }
+
+    /// `/v1/cluster`, parsed.
+    pub async fn cluster_view(&self) -> Result<Value> {
+        let resp = self.admin_get("/v1/cluster").await?;
+        if resp.status != 200 {
+            bail!("/v1/cluster answered {}: {}", resp.status, resp.text());
+        }
+        resp.json()
+    }
+
+    /// `/readyz`: its status and body.
+    pub async fn readyz(&self) -> Result<(u16, Value)> {
+        let resp = self.admin_get("/readyz").await?;
+        Ok((resp.status, resp.json()?))
+    }
+
+    /// The ids that own a share of the ring, as `/v1/cluster` shows them.
+    pub async fn ring_owners(&self) -> Result<BTreeSet<String>> {
+        Ok(ring_owners(&self.cluster_view().await?))
+    }
+
+    /// The state `/v1/cluster` shows for member `id`; `None` when it is
+    /// not listed.
+    pub async fn member_state(&self, id: &str) -> Result<Option<String>> {
+        Ok(member_state(&self.cluster_view().await?, id))
+    }
+
+    /// Polls `/v1/cluster` until `check` holds, for at most `timeout`;
+    /// returns the view that satisfied it. `what` names the condition in
+    /// the error, which shows the last view.
+    pub async fn wait_cluster_view(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.cluster_view().await;
+            if let Ok(view) = &last {
+                if check(view) {
+                    return Ok(view.clone());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {}: {what}: not within {timeout:?}; last /v1/cluster: {}",
+                    self.id(),
+                    match last {
+                        Ok(view) => view.to_string(),
+                        Err(e) => format!("{e:#}"),
+                    }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The ids with a share of the ring in a `/v1/cluster` answer.
+pub fn ring_owners(view: &Value) -> BTreeSet<String> {
+    view["ring"]["owners"]
+        .as_object()
+        .map(|owners| owners.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The state of member `id` in a `/v1/cluster` answer.
+pub fn member_state(view: &Value, id: &str) -> Option<String> {
+    view["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["node_id"] == id)
+        .and_then(|m| m["state"].as_str())
+        .map(str::to_owned)
+}
+
+/// The generation of member `id` in a `/v1/cluster` answer.
+pub fn member_generation(view: &Value, id: &str) -> Option<u64> {
+    view["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["node_id"] == id)
+        .and_then(|m| m["generation"].as_u64())
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if self.exit.is_none() {
@@ -482,30 +663,164 @@ impl Drop for Node {
     }
 }
 
-/// Several nodes joined through seeds: every node after the first seeds
-/// from the first one's gossip address.
+/// Several nodes joined through seeds into one cluster over mutual TLS
+/// (certificates from [`Ca::shared`]), with [`TEST_CLUSTER_FLAGS`]: every
+/// node after the first seeds from the first one's gossip address.
+///
+/// `nodes[i]` is node `n{i+1}`; a node killed with [`Cluster::kill9`] stays
+/// in place (exited) until [`Cluster::restart`] replaces it, so indices
+/// never shift. Every process is killed when the cluster is dropped.
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    /// Earlier lives of restarted nodes: kept (exited) so that their logs
+    /// are still there (and printed) if the test fails.
+    retired: Vec<Node>,
 }
 
 impl Cluster {
-    /// Starts `n` nodes `n1..=n{n}`; `configure` may add flags to each.
+    /// Starts `n` nodes `n1..=n{n}` and waits (up to [`CONVERGE_TIMEOUT`])
+    /// until every node's ring lists all of them and every node is ready.
+    /// `configure` may add or override flags of each (use
+    /// [`NodeBuilder::flag`] to change one of the harness's own).
     pub async fn start(
         n: usize,
         configure: impl Fn(NodeBuilder) -> NodeBuilder,
     ) -> Result<Cluster> {
-        let builders: Vec<NodeBuilder> = (1..=n)
-            .map(|i| configure(NodeBuilder::new(&format!("n{i}"))))
-            .collect();
-        let first_gossip = builders.first().map(|b| b.gossip_addr);
-        let mut nodes = Vec::with_capacity(n);
-        for (i, builder) in builders.into_iter().enumerate() {
-            let builder = match first_gossip {
-                Some(seed) if i > 0 => builder.seed(seed),
-                _ => builder,
-            };
-            nodes.push(builder.start().await?);
+        let mut cluster = Cluster {
+            nodes: Vec::with_capacity(n),
+            retired: Vec::new(),
+        };
+        for _ in 0..n {
+            cluster.add_node_unconverged(&configure).await?;
         }
-        Ok(Cluster { nodes })
+        cluster.wait_converged(CONVERGE_TIMEOUT).await?;
+        Ok(cluster)
+    }
+
+    /// The builder of the next node: `n{len+1}`, fresh ports, TLS and
+    /// timings, seeded with the first live node's gossip address.
+    pub fn next_builder(&self) -> Result<NodeBuilder> {
+        let id = format!("n{}", self.nodes.len() + 1);
+        let mut builder = NodeBuilder::new(&id)
+            .shared_cluster_tls()?
+            .cluster_timings();
+        if let Some(seed) = self.live().next() {
+            builder = builder.seed(seed.gossip_addr());
+        }
+        Ok(builder)
+    }
+
+    async fn add_node_unconverged(
+        &mut self,
+        configure: &impl Fn(NodeBuilder) -> NodeBuilder,
+    ) -> Result<usize> {
+        let builder = configure(self.next_builder()?);
+        self.nodes.push(builder.start().await?);
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Starts one more node (see [`Cluster::next_builder`]) and returns its
+    /// index once it is healthy; [`Cluster::wait_converged`] waits for it
+    /// to be on every ring.
+    pub async fn add_node(
+        &mut self,
+        configure: impl Fn(NodeBuilder) -> NodeBuilder,
+    ) -> Result<usize> {
+        self.add_node_unconverged(&configure).await
+    }
+
+    /// The nodes still running (as far as the harness knows).
+    pub fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| !n.exited())
+    }
+
+    /// Ids of the nodes still running.
+    pub fn live_ids(&self) -> BTreeSet<String> {
+        self.live().map(|n| n.id().to_owned()).collect()
+    }
+
+    /// Waits until every live node's ring owners are exactly the live
+    /// nodes and every live node's `/readyz` is 200.
+    pub async fn wait_converged(&self, timeout: Duration) -> Result<()> {
+        let want = self.live_ids();
+        let deadline = Instant::now() + timeout;
+        for node in self.live() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            node.wait_cluster_view(&format!("ring owners {want:?}"), left, |v| {
+                ring_owners(v) == want
+            })
+            .await?;
+            loop {
+                let (status, body) = node.readyz().await?;
+                if status == 200 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "node {}: /readyz still {status} {body} after {timeout:?}",
+                        node.id()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Rings may have moved while later nodes were looked at: check once
+        // more that every view is still the converged one.
+        for node in self.live() {
+            let owners = node.ring_owners().await?;
+            if owners != want {
+                let left = deadline.saturating_duration_since(Instant::now());
+                node.wait_cluster_view(&format!("ring owners {want:?}"), left, |v| {
+                    ring_owners(v) == want
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the ring of each node in `at` (indices) is exactly
+    /// `owners`.
+    pub async fn wait_ring(&self, at: &[usize], owners: &[&str], timeout: Duration) -> Result<()> {
+        let want: BTreeSet<String> = owners.iter().map(|s| (*s).to_owned()).collect();
+        let deadline = Instant::now() + timeout;
+        for &i in at {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.nodes[i]
+                .wait_cluster_view(&format!("ring owners {want:?}"), left, |v| {
+                    ring_owners(v) == want
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs node `i` and waits until its process is gone. The node
+    /// stays at its index (exited) until [`Cluster::restart`].
+    pub async fn kill9(&mut self, i: usize) -> Result<ExitStatus> {
+        self.nodes[i].kill9().await
+    }
+
+    /// Starts node `i` again with the same id, ports, certificate and flags
+    /// (killing it first if it still runs); a node that had no seeds (the
+    /// first) is seeded with the live nodes' gossip addresses, so that it
+    /// rejoins rather than starts a cluster of its own. Returns once it is
+    /// healthy; [`Cluster::wait_converged`] waits for it to be placed.
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].kill9().await?;
+        let mut builder = self.nodes[i].config.clone();
+        if builder.seeds.is_empty() {
+            builder.seeds = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, n)| *j != i && !n.exited())
+                .map(|(_, n)| n.gossip_addr())
+                .collect();
+        }
+        let node = builder.start().await?;
+        let old = std::mem::replace(&mut self.nodes[i], node);
+        self.retired.push(old);
+        Ok(())
     }
 }

@@ -21,6 +21,7 @@ use crate::admission::Admission;
 use crate::client::{error_response, json_response};
 use crate::cluster::ClusterView;
 use crate::lifecycle::{Lifecycle, Phase};
+use crate::load::{MemoryLimit, SchedulingLag};
 use crate::metrics::METRICS;
 use crate::owner::NodeId;
 use crate::router::Router;
@@ -51,6 +52,10 @@ pub struct AdminContext {
     pub router: Router,
     /// `None` for a single node.
     pub cluster: Option<watch::Receiver<Arc<ClusterView>>>,
+    pub lag: Arc<SchedulingLag>,
+    pub max_lag: Duration,
+    pub memory: MemoryLimit,
+    pub max_memory_fraction: f64,
 }
 
 impl AdminContext {
@@ -67,6 +72,16 @@ impl AdminContext {
         }
         if self.admission.overloaded() {
             reasons.push("overloaded");
+        }
+        if self.lag.get() >= self.max_lag {
+            reasons.push("scheduling_lag");
+        }
+        if self
+            .memory
+            .read()
+            .is_some_and(|m| m.fraction() >= self.max_memory_fraction)
+        {
+            reasons.push("memory");
         }
         reasons
     }

@@ -66,9 +66,10 @@ impl Admission {
         self.active.load(Ordering::Acquire)
     }
 
-    /// At or past the soft threshold: the node should get no new clients.
+    /// At or past the soft threshold (or the hard cap, when that is lower):
+    /// the node should get no new clients.
     pub fn overloaded(&self) -> bool {
-        self.active() >= self.threshold
+        self.active() >= self.threshold.min(self.max)
     }
 
     pub fn try_admit(self: &Arc<Self>) -> Result<ConnectionPermit, Rejection> {

@@ -24,6 +24,8 @@ pub enum AuthError {
     Invalid(jsonwebtoken::errors::Error),
     #[error("invalid pattern {pattern:?} in the token's claims")]
     BadClaim { pattern: String },
+    #[error("the token has expired")]
+    Expired,
 }
 
 /// What a verified token allows.
@@ -43,13 +45,14 @@ impl Grants {
         self.subscribe.iter().any(|p| p.covers(pattern))
     }
 
-    /// Time left before the token expires, if it does.
+    /// Time left before the token expires, if it does: to the exact
+    /// instant of `exp`, not to the start of its second.
     pub fn expires_in(&self) -> Option<Duration> {
-        let exp = self.expires_at?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Some(Duration::from_secs(exp.saturating_sub(now)))
+        let exp = UNIX_EPOCH + Duration::from_secs(self.expires_at?);
+        Some(
+            exp.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        )
     }
 }
 
@@ -107,6 +110,16 @@ impl Auth {
         let token = token.ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(AuthError::Invalid)?;
+        // jsonwebtoken accepts a token during the second of its `exp`; RFC
+        // 7519 says it must not be accepted on or after that instant.
+        if let Some(exp) = data.claims.exp {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if now >= exp {
+                return Err(AuthError::Expired);
+            }
+        }
         let parse = |patterns: Vec<String>| {
             patterns
                 .into_iter()

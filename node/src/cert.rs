@@ -422,6 +422,8 @@ impl Drop for TestDir {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
+    use x509_parser::extensions::GeneralName;
+
     use super::*;
 
     fn mode(path: &Path) -> u32 {
@@ -465,16 +467,22 @@ mod tests {
             .value
             .general_names
             .iter()
-            .map(|n| n.to_string())
+            .map(|name| match name {
+                GeneralName::DNSName(dns) => format!("dns {dns}"),
+                GeneralName::IPAddress(&[a, b, c, d]) => {
+                    format!("ip {}", Ipv4Addr::new(a, b, c, d))
+                }
+                other => format!("{other:?}"),
+            })
             .collect();
         assert_eq!(
             names,
             [
-                "DNSName:node-1",
-                "DNSName:localhost",
-                "IPAddress:127.0.0.1",
-                "IPAddress:10.1.2.3",
-                "DNSName:herald.example",
+                "dns node-1",
+                "dns localhost",
+                "ip 127.0.0.1",
+                "ip 10.1.2.3",
+                "dns herald.example",
             ]
         );
         assert!(!x509.is_ca());

@@ -44,6 +44,7 @@ pub struct ClientContext {
     pub auth: Option<Auth>,
     pub lifecycle: Lifecycle,
     pub panic_topic: Option<String>,
+    pub stall_topic: Option<String>,
 }
 
 impl ClientContext {

@@ -156,6 +156,19 @@ pub struct Settings {
     #[arg(long = "admin-listen", env = "HERALD_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// /readyz reports scheduling_lag when the runtime's timers run this late.
+    #[arg(long = "admin-max-scheduling-lag", env = "HERALD_ADMIN_MAX_SCHEDULING_LAG", value_parser = duration)]
+    pub admin_max_scheduling_lag: Option<Duration>,
+    /// /readyz reports memory above this fraction of the memory limit.
+    #[arg(
+        long = "admin-max-memory-fraction",
+        env = "HERALD_ADMIN_MAX_MEMORY_FRACTION"
+    )]
+    pub admin_max_memory_fraction: Option<f64>,
+    /// Memory budget in bytes where no cgroup limit applies (overrides it when set).
+    #[arg(long = "admin-memory-limit", env = "HERALD_ADMIN_MEMORY_LIMIT")]
+    pub admin_memory_limit: Option<u64>,
+
     /// QUIC listener for other nodes.
     #[arg(long = "cluster-listen", env = "HERALD_CLUSTER_LISTEN")]
     pub cluster_listen: Option<SocketAddr>,
@@ -237,6 +250,14 @@ pub struct Settings {
         hide = true
     )]
     pub testing_panic_topic: Option<String>,
+    /// Fault injection for tests: a pub to this topic blocks a runtime
+    /// worker for a second (a stall, as a CPU-bound bug would cause).
+    #[arg(
+        long = "testing-stall-topic",
+        env = "HERALD_TESTING_STALL_TOPIC",
+        hide = true
+    )]
+    pub testing_stall_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -294,6 +315,14 @@ pub struct ClientConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// `/readyz` reports `scheduling_lag` when timers run this late.
+    #[serde(with = "duration_text")]
+    pub max_scheduling_lag: Duration,
+    /// `/readyz` reports `memory` above this fraction of the memory limit.
+    pub max_memory_fraction: f64,
+    /// A memory budget in bytes, for hosts without a cgroup limit; with
+    /// one, the cgroup's limit is used unless this is set.
+    pub memory_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -354,6 +383,7 @@ pub struct LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TestingConfig {
     pub panic_topic: Option<String>,
+    pub stall_topic: Option<String>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -393,6 +423,9 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: loopback(7480),
+            max_scheduling_lag: Duration::from_millis(250),
+            max_memory_fraction: 0.9,
+            memory_limit: None,
         }
     }
 }
@@ -530,6 +563,15 @@ impl Config {
             &s.client_outbound_queue_bytes,
         );
         set(&mut self.admin.listen, &s.admin_listen);
+        set(
+            &mut self.admin.max_scheduling_lag,
+            &s.admin_max_scheduling_lag,
+        );
+        set(
+            &mut self.admin.max_memory_fraction,
+            &s.admin_max_memory_fraction,
+        );
+        set_some(&mut self.admin.memory_limit, &s.admin_memory_limit);
         set(&mut self.cluster.listen, &s.cluster_listen);
         set_some(&mut self.cluster.advertise, &s.cluster_advertise);
         set(&mut self.cluster.seeds, &s.cluster_seeds);
@@ -555,6 +597,7 @@ impl Config {
         set_some(&mut self.auth.rs256_public_key, &s.auth_rs256_public_key);
         set(&mut self.log.format, &s.log_format);
         set_some(&mut self.testing.panic_topic, &s.testing_panic_topic);
+        set_some(&mut self.testing.stall_topic, &s.testing_stall_topic);
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -602,6 +645,10 @@ impl Config {
                 "cluster.ca",
                 "set cluster.ca, cluster.cert and cluster.key together",
             );
+        }
+        let fraction = self.admin.max_memory_fraction;
+        if fraction.is_nan() || fraction <= 0.0 || fraction > 1.0 {
+            return invalid("admin.max_memory_fraction", "must be in (0, 1]");
         }
         if self.cluster.vnodes == 0 {
             return invalid("cluster.vnodes", "must be at least 1");

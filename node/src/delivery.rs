@@ -73,7 +73,6 @@ impl LocalSubscriptions {
             return Change::Unchanged;
         }
         list.push(session);
-        METRICS.subscriptions.inc();
         if list.len() == 1 {
             Change::First
         } else {
@@ -101,7 +100,6 @@ impl LocalSubscriptions {
             return Change::Unchanged;
         };
         list.swap_remove(at);
-        METRICS.subscriptions.dec();
         let now_empty = list.is_empty();
         if now_empty {
             if let Some(group) = &key.group {

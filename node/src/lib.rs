@@ -20,6 +20,7 @@ pub mod config;
 pub mod delivery;
 pub mod history;
 pub mod lifecycle;
+pub mod load;
 pub mod membership;
 pub mod metrics;
 pub mod outbox;
@@ -95,6 +96,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     system::raise_fd_limit(config.client.max_connections);
+    let signal = lifecycle::shutdown_signal().map_err(NodeError::Signals)?;
 
     let auth = Auth::from_config(&config.auth)?;
     if auth.is_none() {
@@ -178,6 +180,10 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         admission: admission.clone(),
         router: router.clone(),
         cluster,
+        lag: load::SchedulingLag::start(),
+        max_lag: config.admin.max_scheduling_lag,
+        memory: load::MemoryLimit::detect(config.admin.memory_limit),
+        max_memory_fraction: config.admin.max_memory_fraction,
     });
     tokio::spawn(admin::serve(admin_listener, admin));
 
@@ -188,6 +194,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         auth,
         lifecycle: lifecycle.clone(),
         panic_topic: config.testing.panic_topic.clone(),
+        stall_topic: config.testing.stall_topic.clone(),
     });
     tokio::spawn(client::serve(client_listener, clients));
     info!(
@@ -198,9 +205,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         "herald is ready"
     );
 
-    let signal = lifecycle::shutdown_signal()
-        .await
-        .map_err(NodeError::Signals)?;
+    let signal = signal.await;
     drain(&lifecycle, &admission, config.node.drain_grace, signal).await;
     if let Some((gossip, transport)) = membership {
         // The gossip task saw Closing: it says goodbye and stops; then the

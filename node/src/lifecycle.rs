@@ -51,12 +51,16 @@ impl Lifecycle {
 }
 
 /// Completes on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() -> std::io::Result<&'static str> {
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
+    // The handlers are installed here, before the caller starts serving:
+    // a SIGTERM that arrives early still drains instead of killing.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }

@@ -49,6 +49,8 @@ const DNS_REFRESH: Duration = Duration::from_secs(30);
 const DNS_RETRY: Duration = Duration::from_secs(1);
 /// Bound on one lookup, so a slow resolver delays the view at most this long.
 const DNS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on looking up this node's own advertised name at start.
+const ADVERTISE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// On a graceful leave, the `dead` state is pushed to every live peer this
 /// many times (UDP may drop a datagram) before gossip stops.
 const LEAVE_ROUNDS: u32 = 2;
@@ -304,8 +306,8 @@ impl Membership {
     }
 
     /// Leaves gracefully and stops gossip. The caller gossips `Draining`
-    /// first; this gossips `Dead` straight to every live peer, so they
-    /// drop this node at once instead of waiting for the failure detector.
+    /// first; this gossips `Dead` straight to every live peer, so they list
+    /// this node as dead at once instead of after failure detection.
     pub async fn shutdown(self) {
         let Membership {
             handle,
@@ -405,7 +407,7 @@ async fn gossip_advertise_addr(
         reason,
     };
     let found = tokio::time::timeout(
-        DNS_TIMEOUT * 5,
+        ADVERTISE_LOOKUP_TIMEOUT,
         tokio::net::lookup_host((bare, bound.port())),
     )
     .await

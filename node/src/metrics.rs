@@ -94,6 +94,7 @@ pub struct Metrics {
     pub members_joining: Gauge,
     pub members_draining: Gauge,
     pub members_dead: Gauge,
+    pub scheduling_lag_micros: Gauge,
 }
 
 impl Default for Metrics {
@@ -127,6 +128,7 @@ impl Metrics {
             members_joining: Gauge::new(),
             members_draining: Gauge::new(),
             members_dead: Gauge::new(),
+            scheduling_lag_micros: Gauge::new(),
         }
     }
 
@@ -309,6 +311,13 @@ impl Metrics {
                 gauge.get()
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP herald_scheduling_lag_seconds How late the runtime ran a timer, worst of the last second.\n\
+             # TYPE herald_scheduling_lag_seconds gauge\n\
+             herald_scheduling_lag_seconds {}",
+            self.scheduling_lag_micros.get() as f64 / 1e6
+        );
         out
     }
 }

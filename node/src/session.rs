@@ -121,6 +121,7 @@ pub async fn run(
     METRICS.codec_connections(codec).dec();
     debug!(session_id = id, close_code = ?code, "session closed");
     let keys: Vec<SubKey> = session.subscriptions.drain().collect();
+    METRICS.subscriptions.add(-(keys.len() as i64));
     ctx.router.forget_session(id, keys).await;
     drop(permit);
 }
@@ -341,6 +342,10 @@ impl Session {
                         ));
                     }
                 }
+                if self.ctx.stall_topic.as_deref() == Some(topic.as_str()) {
+                    // Deliberately blocks this worker thread.
+                    std::thread::sleep(Duration::from_secs(1));
+                }
                 if self.ctx.panic_topic.as_deref() == Some(topic.as_str()) {
                     panic!("fault injection: publish to the configured panic topic");
                 }
@@ -392,6 +397,8 @@ impl Session {
                         ));
                     }
                     self.subscriptions.insert(key.clone());
+                    // Counted per session, not per shard: a wildcard lives on every shard.
+                    METRICS.subscriptions.inc();
                 }
                 self.ctx
                     .router
@@ -402,6 +409,7 @@ impl Session {
             Request::Unsub { id, pattern, group } => {
                 let key = SubKey { pattern, group };
                 if self.subscriptions.remove(&key) {
+                    METRICS.subscriptions.dec();
                     self.ctx
                         .router
                         .unsubscribe(self.id, key, Some((self.handle.clone(), id)))

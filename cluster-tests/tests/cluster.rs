@@ -1,0 +1,1066 @@
+//! Clusters of real nodes over QUIC with mutual TLS: delivery between every
+//! pair of nodes, per-topic order with publishers on several nodes,
+//! wildcards and queue groups across nodes, a node joining, a node killed
+//! (-9), restarted with the same id, frozen (an owner outage), and nodes
+//! that must stay out (another CA, another cluster name, no TLS at all).
+//!
+//! Tests cannot ask which node owns a topic, so they use many topics: with
+//! 30 topics on 3 nodes, every node owns some with overwhelming
+//! probability, and where it matters the tests check it (each node's
+//! `herald_topics` gauge counts the topics it owns). Every wait is bounded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cluster_tests::node::{member_generation, member_state, ring_owners, CONVERGE_TIMEOUT};
+use cluster_tests::{check_err, Ca, Cluster, Node, NodeBuilder, WsClient, QUIET};
+use serde_json::{json, Value};
+
+/// How long a killed node may take to stop mattering: every topic accepts
+/// publishes again from the survivors, and their rings no longer hold it.
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+/// How long the messages a test waits for may take to arrive.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn topics(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|k| format!("{prefix}.{k}")).collect()
+}
+
+/// The data of a test message: who sent it, where, and its number; unique
+/// within a test.
+fn data(tag: &str, topic: &str, i: usize) -> String {
+    format!("{tag}|{topic}|{i}")
+}
+
+/// A subscribing session and every `msg` it received, in order.
+struct Subscriber {
+    name: String,
+    ws: WsClient,
+    got: Vec<Value>,
+    /// The `seq` in the `ok` of each exact subscription.
+    start: BTreeMap<String, u64>,
+}
+
+impl Subscriber {
+    async fn connect(node: &Node, name: &str) -> Result<Subscriber> {
+        Ok(Subscriber {
+            name: format!("{name}@{}", node.id()),
+            ws: node.ws().await?,
+            got: Vec::new(),
+            start: BTreeMap::new(),
+        })
+    }
+
+    /// Exact subscriptions to every topic; records each `ok.seq`.
+    async fn sub_all(&mut self, topics: &[String]) -> Result<()> {
+        for topic in topics {
+            let ok = self
+                .ws
+                .sub(topic)
+                .await
+                .with_context(|| format!("{}: sub {topic}", self.name))?;
+            let seq = ok["seq"]
+                .as_u64()
+                .with_context(|| format!("{}: ok to an exact sub without seq: {ok}", self.name))?;
+            self.start.insert(topic.clone(), seq);
+        }
+        Ok(())
+    }
+
+    async fn sub_group_all(&mut self, topics: &[String], group: &str) -> Result<()> {
+        for topic in topics {
+            self.ws
+                .sub_group(topic, group)
+                .await
+                .with_context(|| format!("{}: sub {topic} group {group}", self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Receives one more server message, which must be a `msg`.
+    async fn recv_msg(&mut self, timeout: Duration) -> Result<()> {
+        let v = self.ws.recv_timeout(timeout).await?;
+        ensure!(
+            v["op"] == "msg",
+            "{}: expected only msgs, got {v}",
+            self.name
+        );
+        self.got.push(v);
+        Ok(())
+    }
+
+    /// The data strings received so far.
+    fn data_seen(&self) -> BTreeSet<String> {
+        self.got
+            .iter()
+            .filter_map(|m| m["data"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Receives until every item of `want` (data strings) has arrived.
+    async fn wait_for(&mut self, want: &BTreeSet<String>, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = self.data_seen();
+        while !want.is_subset(&seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = self.recv_msg(left).await {
+                let missing: Vec<&String> = want.difference(&seen).take(10).collect();
+                bail!(
+                    "{}: {} of {} expected messages missing after {timeout:?} ({e:#}); e.g. {missing:?}",
+                    self.name,
+                    want.difference(&seen).count(),
+                    want.len()
+                );
+            }
+            if let Some(d) = self.got.last().and_then(|m| m["data"].as_str()) {
+                seen.insert(d.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing more arrives for [`QUIET`].
+    async fn quiet(&mut self) -> Result<()> {
+        self.ws
+            .expect_nothing(QUIET)
+            .await
+            .with_context(|| format!("{}: after {} messages", self.name, self.got.len()))
+    }
+
+    /// `(seq, data)` per topic, in arrival order.
+    fn per_topic(&self) -> BTreeMap<String, Vec<(u64, String)>> {
+        let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+        for m in &self.got {
+            let topic = m["topic"].as_str().unwrap_or_default().to_owned();
+            let seq = m["seq"].as_u64().unwrap_or(u64::MAX);
+            let data = m["data"].as_str().unwrap_or_default().to_owned();
+            out.entry(topic).or_default().push((seq, data));
+        }
+        out
+    }
+
+    /// No data twice; per topic `seq` rises by exactly 1 from the `ok`'s
+    /// (or from 0 for a wildcard), except that with `restarts` a run may
+    /// start again at 1 (a new epoch at a new owner).
+    fn check_order(&self, restarts: bool) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for m in &self.got {
+            let d = m["data"].as_str().unwrap_or_default();
+            ensure!(
+                seen.insert(d.to_owned()),
+                "{}: {d} received twice",
+                self.name
+            );
+        }
+        for (topic, list) in self.per_topic() {
+            let mut last = self.start.get(&topic).copied().unwrap_or(0);
+            let wildcard_start = !self.start.contains_key(&topic);
+            for (i, (seq, d)) in list.iter().enumerate() {
+                let next = *seq == last + 1
+                    || (restarts && *seq == 1)
+                    // A wildcard subscription starts wherever the topic is.
+                    || (wildcard_start && i == 0);
+                ensure!(
+                    next,
+                    "{}: on {topic}, seq {seq} ({d}) after {last}; the topic's seqs: {:?}",
+                    self.name,
+                    list.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+                );
+                last = *seq;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `seq` with which `data` arrived.
+    fn seq_of(&self, data: &str) -> Option<u64> {
+        self.got
+            .iter()
+            .find(|m| m["data"] == data)
+            .and_then(|m| m["seq"].as_u64())
+    }
+}
+
+/// What a `pub` with an id came back with.
+#[derive(Debug, Clone)]
+enum PubReply {
+    Ok(u64),
+    Unavailable,
+}
+
+/// Sends every `(topic, data)` as a `pub` with an id (pipelined), then
+/// collects one reply per publish (`ok`, or `err unavailable`; anything else
+/// is an error), each within `timeout` of the last send. Replies are
+/// returned in the order of `items`.
+async fn publish_all(
+    ws: &mut WsClient,
+    items: &[(String, String)],
+    timeout: Duration,
+) -> Result<Vec<PubReply>> {
+    let mut ids = BTreeMap::new();
+    for (k, (topic, d)) in items.iter().enumerate() {
+        let id = ws.fresh_id();
+        ids.insert(id, k);
+        ws.feed_json(json!({"op": "pub", "id": id, "topic": topic, "data": d}))
+            .await?;
+    }
+    ws.flush().await?;
+    let deadline = Instant::now() + timeout;
+    let mut replies: Vec<Option<PubReply>> = vec![None; items.len()];
+    let mut left = items.len();
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let v = ws.recv_timeout(wait).await.with_context(|| {
+            format!(
+                "{left} of {} publishes unanswered after {timeout:?}",
+                items.len()
+            )
+        })?;
+        let id = v["id"].as_u64().unwrap_or(u64::MAX);
+        let Some(&k) = ids.get(&id) else {
+            bail!("reply to no publish of ours: {v}");
+        };
+        ensure!(replies[k].is_none(), "second reply for {:?}: {v}", items[k]);
+        replies[k] = Some(match v["op"].as_str() {
+            Some("ok") => PubReply::Ok(
+                v["seq"]
+                    .as_u64()
+                    .with_context(|| format!("ok to pub without seq: {v}"))?,
+            ),
+            _ => {
+                check_err(&v, Some(id), "unavailable")
+                    .with_context(|| format!("publish {:?}", items[k]))?;
+                PubReply::Unavailable
+            }
+        });
+        left -= 1;
+    }
+    Ok(replies.into_iter().flatten().collect())
+}
+
+/// Like [`publish_all`], but every publish must be acked: returns the seqs.
+async fn publish_acked(ws: &mut WsClient, items: &[(String, String)]) -> Result<Vec<u64>> {
+    let replies = publish_all(ws, items, DELIVERY_TIMEOUT).await?;
+    items
+        .iter()
+        .zip(replies)
+        .map(|(item, reply)| match reply {
+            PubReply::Ok(seq) => Ok(seq),
+            PubReply::Unavailable => bail!("publish {item:?} answered unavailable"),
+        })
+        .collect()
+}
+
+/// `herald_topics` of every live node: the topics each one owns.
+async fn owned_topics(cluster: &Cluster) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for node in cluster.live() {
+        out.insert(
+            node.id().to_owned(),
+            node.metrics().await?.sum("herald_topics"),
+        );
+    }
+    Ok(out)
+}
+
+/// Every live node owns at least one topic (the test's topics are spread
+/// over every owner).
+async fn every_node_owns_topics(cluster: &Cluster) -> Result<()> {
+    let owned = owned_topics(cluster).await?;
+    ensure!(
+        owned.values().all(|n| *n >= 1.0),
+        "some node owns none of the test's topics: {owned:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_pair_of_nodes_delivers_both_ways_in_order() -> Result<()> {
+    let cluster = Cluster::start(3, |b| b).await?;
+    let topics = topics("pair", 30);
+    let mut subs = Vec::new();
+    for node in &cluster.nodes {
+        let mut sub = Subscriber::connect(node, "sub").await?;
+        sub.sub_all(&topics).await?;
+        for (topic, seq) in &sub.start {
+            ensure!(*seq == 0, "{topic} is new, yet its ok has seq {seq}");
+        }
+        subs.push(sub);
+    }
+    // Each node in turn publishes twice to every topic: every subscriber
+    // (on every node) gets every publisher's (on every node) messages, for
+    // topics of every owner.
+    let mut want = BTreeSet::new();
+    let mut acked = BTreeMap::new();
+    for node in &cluster.nodes {
+        let mut publisher = node.ws().await?;
+        let items: Vec<(String, String)> = (0..2)
+            .flat_map(|i| {
+                topics
+                    .iter()
+                    .map(move |t| (t.clone(), data(node.id(), t, i)))
+            })
+            .collect();
+        let seqs = publish_acked(&mut publisher, &items).await?;
+        for ((_, d), seq) in items.into_iter().zip(seqs) {
+            want.insert(d.clone());
+            acked.insert(d, seq);
+        }
+    }
+    every_node_owns_topics(&cluster).await?;
+    for sub in &mut subs {
+        sub.wait_for(&want, DELIVERY_TIMEOUT).await?;
+        sub.quiet().await?;
+        sub.check_order(false)?;
+        ensure!(sub.got.len() == want.len(), "{}: extra messages", sub.name);
+        for (d, seq) in &acked {
+            ensure!(
+                sub.seq_of(d) == Some(*seq),
+                "{}: {d} acked with seq {seq}, received with {:?}",
+                sub.name,
+                sub.seq_of(d)
+            );
+        }
+        // Per topic: n1's two, n2's two, n3's two, in that order.
+        for (topic, list) in sub.per_topic() {
+            let order: Vec<&str> = list.iter().map(|(_, d)| d.as_str()).collect();
+            let expected: Vec<String> = cluster
+                .nodes
+                .iter()
+                .flat_map(|n| (0..2).map(|i| data(n.id(), &topic, i)))
+                .collect();
+            ensure!(order == expected, "{}: {topic}: {order:?}", sub.name);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn publishers_on_three_nodes_give_one_order_per_topic() -> Result<()> {
+    const N: usize = 40;
+    let cluster = Cluster::start(3, |b| b).await?;
+    let topics = topics("order", 6);
+    let mut subs = Vec::new();
+    for node in &cluster.nodes {
+        let mut sub = Subscriber::connect(node, "sub").await?;
+        sub.sub_all(&topics).await?;
+        subs.push(sub);
+    }
+    let mut publishers = Vec::new();
+    for node in &cluster.nodes {
+        publishers.push((node.id().to_owned(), node.ws().await?));
+    }
+    // Three publishers at once, each sending N to every topic, pipelined.
+    let runs = publishers.iter_mut().map(|(id, ws)| {
+        let id: &str = id;
+        let items: Vec<(String, String)> = (0..N)
+            .flat_map(|i| topics.iter().map(move |t| (t.clone(), data(id, t, i))))
+            .collect();
+        async move {
+            let seqs = publish_acked(ws, &items).await?;
+            Ok::<_, anyhow::Error>(items.into_iter().zip(seqs).collect::<Vec<_>>())
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    let mut want = BTreeSet::new();
+    for result in results {
+        for ((_, d), seq) in result? {
+            want.insert(d.clone());
+            acked.insert(d, seq);
+        }
+    }
+    for sub in &mut subs {
+        sub.wait_for(&want, DELIVERY_TIMEOUT).await?;
+        sub.quiet().await?;
+        sub.check_order(false)?;
+    }
+    let reference = subs[0].per_topic();
+    for (topic, list) in &reference {
+        ensure!(list.len() == 3 * N, "{topic}: {} messages", list.len());
+        let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
+        ensure!(
+            seqs == (1..=3 * N as u64).collect::<Vec<_>>(),
+            "{topic}: seqs {seqs:?}"
+        );
+        for (seq, d) in list {
+            ensure!(
+                acked.get(d) == Some(seq),
+                "{topic}: {d} seen with seq {seq}, acked with {:?}",
+                acked.get(d)
+            );
+        }
+        // Each publisher's own messages in the order it sent them.
+        for (id, _) in &publishers {
+            let own: Vec<&str> = list
+                .iter()
+                .map(|(_, d)| d.as_str())
+                .filter(|d| d.starts_with(&format!("{id}|")))
+                .collect();
+            let sent: Vec<String> = (0..N).map(|i| data(id, topic, i)).collect();
+            ensure!(
+                own == sent,
+                "{topic}: {id}'s messages out of order: {own:?}"
+            );
+        }
+    }
+    for sub in &subs[1..] {
+        ensure!(
+            sub.per_topic() == reference,
+            "{} saw another order than {}",
+            sub.name,
+            subs[0].name
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn wildcards_reach_across_nodes() -> Result<()> {
+    let cluster = Cluster::start(3, |b| b).await?;
+    let (n1, n2, n3) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    // On n1: `wc.>` and `wc.*.y` on one session (each message once), and
+    // `wc.*.y` alone; on n3, `wc.*`.
+    let mut both = Subscriber::connect(n1, "both").await?;
+    both.ws.sub("wc.>").await?;
+    both.ws.sub("wc.*.y").await?;
+    let mut deep = Subscriber::connect(n1, "deep").await?;
+    deep.ws.sub("wc.*.y").await?;
+    let mut shallow = Subscriber::connect(n3, "shallow").await?;
+    shallow.ws.sub("wc.*").await?;
+    let deep_topics: Vec<String> = (0..15).map(|k| format!("wc.x{k}.y")).collect();
+    let shallow_topics: Vec<String> = (0..15).map(|k| format!("wc.s{k}")).collect();
+    let mut want_deep = BTreeSet::new();
+    let mut want_shallow = BTreeSet::new();
+    for node in [n2, n3] {
+        let mut publisher = node.ws().await?;
+        let mut items = Vec::new();
+        for (topics, want) in [
+            (&deep_topics, &mut want_deep),
+            (&shallow_topics, &mut want_shallow),
+        ] {
+            for t in topics {
+                let d = data(node.id(), t, 0);
+                want.insert(d.clone());
+                items.push((t.clone(), d));
+            }
+        }
+        publish_acked(&mut publisher, &items).await?;
+    }
+    every_node_owns_topics(&cluster).await?;
+    let all: BTreeSet<String> = want_deep.union(&want_shallow).cloned().collect();
+    both.wait_for(&all, DELIVERY_TIMEOUT).await?;
+    deep.wait_for(&want_deep, DELIVERY_TIMEOUT).await?;
+    shallow.wait_for(&want_shallow, DELIVERY_TIMEOUT).await?;
+    for (sub, want) in [
+        (&mut both, &all),
+        (&mut deep, &want_deep),
+        (&mut shallow, &want_shallow),
+    ] {
+        sub.quiet().await?;
+        sub.check_order(false)?;
+        ensure!(
+            sub.data_seen() == *want && sub.got.len() == want.len(),
+            "{}: got {:?}",
+            sub.name,
+            sub.data_seen()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_queue_group_gets_each_message_once_across_nodes() -> Result<()> {
+    let cluster = Cluster::start(3, |b| b).await?;
+    let topics = topics("jobs", 8);
+    let mut members = Vec::new();
+    // Members on every node, two on n1.
+    for (k, node) in cluster.nodes.iter().chain([&cluster.nodes[0]]).enumerate() {
+        let mut member = Subscriber::connect(node, &format!("worker{k}")).await?;
+        member.sub_group_all(&topics, "workers").await?;
+        members.push(member);
+    }
+    let mut plain = Subscriber::connect(&cluster.nodes[1], "plain").await?;
+    plain.sub_all(&topics).await?;
+    let mut want = BTreeSet::new();
+    for node in &cluster.nodes {
+        let mut publisher = node.ws().await?;
+        let items: Vec<(String, String)> = (0..10)
+            .flat_map(|i| {
+                topics
+                    .iter()
+                    .map(move |t| (t.clone(), data(node.id(), t, i)))
+            })
+            .collect();
+        publish_acked(&mut publisher, &items).await?;
+        want.extend(items.into_iter().map(|(_, d)| d));
+    }
+    plain.wait_for(&want, DELIVERY_TIMEOUT).await?;
+    plain.quiet().await?;
+    plain.check_order(false)?;
+    ensure!(plain.got.len() == want.len(), "plain: extra messages");
+    // Members together get every message once: read until all arrived,
+    // then make sure nothing more comes.
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let total: usize = members.iter().map(|m| m.got.len()).sum();
+        if total >= want.len() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "group members got {total} of {} messages",
+            want.len()
+        );
+        for member in &mut members {
+            let _ = member.recv_msg(Duration::from_millis(20)).await;
+        }
+    }
+    let mut counts = BTreeMap::new();
+    let mut union: Vec<String> = Vec::new();
+    for member in &mut members {
+        member.quiet().await?;
+        counts.insert(member.name.clone(), member.got.len());
+        union.extend(member.data_seen());
+        ensure!(
+            member.data_seen().len() == member.got.len(),
+            "{} got a message twice",
+            member.name
+        );
+    }
+    let distinct: BTreeSet<String> = union.iter().cloned().collect();
+    ensure!(
+        union.len() == want.len() && distinct == want,
+        "group deliveries: {} in all, {} distinct, {} published; per member {counts:?}",
+        union.len(),
+        distinct.len(),
+        want.len()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fourth_node_joins_while_delivery_goes_on() -> Result<()> {
+    let mut cluster = Cluster::start(3, |b| b).await?;
+    let topics = topics("mv", 40);
+    let mut subs = Vec::new();
+    for node in &cluster.nodes {
+        let mut sub = Subscriber::connect(node, "sub").await?;
+        sub.sub_all(&topics).await?;
+        subs.push(sub);
+    }
+    let mut publishers = Vec::new();
+    for node in &cluster.nodes {
+        publishers.push((node.id().to_owned(), node.ws().await?));
+    }
+    // Before: everything arrives.
+    let mut before = BTreeSet::new();
+    for (id, ws) in &mut publishers {
+        let items: Vec<(String, String)> =
+            topics.iter().map(|t| (t.clone(), data(id, t, 0))).collect();
+        publish_acked(ws, &items).await?;
+        before.extend(items.into_iter().map(|(_, d)| d));
+    }
+    for sub in &mut subs {
+        sub.wait_for(&before, DELIVERY_TIMEOUT).await?;
+    }
+    // During: publishers keep going (with acks, round robin over nodes and
+    // topics) while n4 starts and the rings take it in.
+    let mut during_acked = 0usize;
+    let mut during_unavailable = 0usize;
+    let join = async {
+        let i = cluster.add_node(|b| b).await?;
+        cluster.wait_converged(CONVERGE_TIMEOUT).await?;
+        Ok::<usize, anyhow::Error>(i)
+    };
+    let load = async {
+        let mut k = 1usize;
+        loop {
+            for (id, ws) in publishers.iter_mut() {
+                let t = &topics[k % topics.len()];
+                let item = (t.clone(), data(id, t, k));
+                match publish_all(ws, std::slice::from_ref(&item), DELIVERY_TIMEOUT).await?[0] {
+                    PubReply::Ok(_) => during_acked += 1,
+                    PubReply::Unavailable => during_unavailable += 1,
+                }
+                k += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    let n4 = tokio::select! {
+        joined = join => joined?,
+        failed = load => { failed?; unreachable!("the load loop only ends on an error") }
+    };
+    eprintln!("during the join: {during_acked} publishes acked, {during_unavailable} unavailable");
+    // After the join: n4 owns some topics, and every acked publish reaches
+    // every subscriber, with the seq it was acked with.
+    let mut after = BTreeMap::new();
+    let n4_node = &cluster.nodes[n4];
+    let mut late = Subscriber::connect(n4_node, "late").await?;
+    late.sub_all(&topics).await?;
+    let mut n4_publisher = n4_node.ws().await?;
+    for (id, ws) in publishers
+        .iter_mut()
+        .map(|(id, ws)| (id.as_str(), ws))
+        .chain([("n4", &mut n4_publisher)])
+    {
+        let items: Vec<(String, String)> = topics
+            .iter()
+            .map(|t| (t.clone(), data(&format!("after-{id}"), t, 0)))
+            .collect();
+        let seqs = publish_acked(ws, &items).await?;
+        after.extend(items.into_iter().map(|(_, d)| d).zip(seqs));
+    }
+    let owned = owned_topics(&cluster).await?;
+    ensure!(
+        owned.get("n4").is_some_and(|n| *n >= 1.0),
+        "no topic moved to n4: {owned:?}"
+    );
+    let want: BTreeSet<String> = after.keys().cloned().collect();
+    for sub in subs.iter_mut().chain([&mut late]) {
+        sub.wait_for(&want, DELIVERY_TIMEOUT)
+            .await
+            .context("a publish acked after the join was lost")?;
+        sub.quiet().await?;
+        // Moved topics start again at seq 1 (a new epoch): allowed.
+        sub.check_order(true)?;
+        for (d, seq) in &after {
+            ensure!(
+                sub.seq_of(d) == Some(*seq),
+                "{}: {d} acked with seq {seq}, received with {:?}",
+                sub.name,
+                sub.seq_of(d)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Publishes (with an id) to each topic from `ws` until every topic has
+/// acked once; `unavailable` is retried. Returns the acked seq per data.
+async fn publish_until_acked(
+    ws: &mut WsClient,
+    tag: &str,
+    topics: &[String],
+    deadline: Instant,
+) -> Result<BTreeMap<String, u64>> {
+    let mut pending: Vec<String> = topics.to_vec();
+    let mut acked = BTreeMap::new();
+    let mut round = 0;
+    while !pending.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "{tag}: {} topics still refuse publishes, e.g. {:?}",
+            pending.len(),
+            &pending[..pending.len().min(5)]
+        );
+        let items: Vec<(String, String)> = pending
+            .iter()
+            .map(|t| (t.clone(), data(tag, t, round)))
+            .collect();
+        let replies = publish_all(ws, &items, Duration::from_secs(6)).await?;
+        let mut still = Vec::new();
+        for ((topic, d), reply) in items.into_iter().zip(replies) {
+            match reply {
+                PubReply::Ok(seq) => {
+                    acked.insert(d, seq);
+                }
+                PubReply::Unavailable => still.push(topic),
+            }
+        }
+        pending = still;
+        round += 1;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(acked)
+}
+
+#[tokio::test]
+async fn a_killed_node_is_replaced_and_survivors_keep_delivering() -> Result<()> {
+    let mut cluster = Cluster::start(3, |b| b).await?;
+    let topics = topics("kill", 30);
+    let mut subs = Vec::new();
+    for node in &cluster.nodes[..2] {
+        let mut sub = Subscriber::connect(node, "sub").await?;
+        sub.sub_all(&topics).await?;
+        subs.push(sub);
+    }
+    let mut wild = Subscriber::connect(&cluster.nodes[1], "wild").await?;
+    wild.ws.sub("kill.*").await?;
+    let mut publishers = Vec::new();
+    for node in &cluster.nodes[..2] {
+        publishers.push((node.id().to_owned(), node.ws().await?));
+    }
+    let mut before = BTreeSet::new();
+    for (id, ws) in &mut publishers {
+        let items: Vec<(String, String)> = topics
+            .iter()
+            .map(|t| (t.clone(), data(&format!("before-{id}"), t, 0)))
+            .collect();
+        publish_acked(ws, &items).await?;
+        before.extend(items.into_iter().map(|(_, d)| d));
+    }
+    every_node_owns_topics(&cluster).await?;
+    for sub in subs.iter_mut().chain([&mut wild]) {
+        sub.wait_for(&before, DELIVERY_TIMEOUT).await?;
+    }
+
+    cluster.kill9(2).await?;
+    let killed = Instant::now();
+    let deadline = killed + FAILOVER_BOUND;
+    // Every topic takes publishes again from both survivors.
+    let mut acked = BTreeMap::new();
+    for (id, ws) in &mut publishers {
+        acked.extend(publish_until_acked(ws, &format!("after-{id}"), &topics, deadline).await?);
+    }
+    eprintln!(
+        "every topic acked from both survivors {:?} after kill -9",
+        killed.elapsed()
+    );
+    // Their rings drop n3; it is dead or gone from their member lists.
+    let left = deadline.saturating_duration_since(Instant::now());
+    for node in &cluster.nodes[..2] {
+        node.wait_cluster_view("n3 off the ring and dead or gone", left, |v| {
+            !ring_owners(v).contains("n3") && member_state(v, "n3").is_none_or(|s| s == "dead")
+        })
+        .await?;
+    }
+    eprintln!(
+        "n3 dead on both survivors {:?} after kill -9",
+        killed.elapsed()
+    );
+    // One more acked round, all on the new ring: it reaches every
+    // subscriber (same sessions), with the acked seqs.
+    let mut last = BTreeMap::new();
+    for (id, ws) in &mut publishers {
+        let items: Vec<(String, String)> = topics
+            .iter()
+            .map(|t| (t.clone(), data(&format!("last-{id}"), t, 0)))
+            .collect();
+        let seqs = publish_acked(ws, &items).await?;
+        last.extend(items.into_iter().map(|(_, d)| d).zip(seqs));
+    }
+    let want: BTreeSet<String> = last.keys().cloned().collect();
+    for sub in subs.iter_mut().chain([&mut wild]) {
+        sub.wait_for(&want, DELIVERY_TIMEOUT).await?;
+        sub.quiet().await?;
+        sub.check_order(true)?;
+        for (d, seq) in &last {
+            ensure!(
+                sub.seq_of(d) == Some(*seq),
+                "{}: {d} acked with seq {seq}, received with {:?}",
+                sub.name,
+                sub.seq_of(d)
+            );
+        }
+        // Publishes acked once the owner was back are delivered too.
+        let got = sub.data_seen();
+        let lost: Vec<&String> = acked.keys().filter(|d| !got.contains(*d)).collect();
+        ensure!(
+            lost.is_empty(),
+            "{}: acked after the kill yet never delivered: {lost:?}",
+            sub.name
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_node_rejoins_with_a_new_generation() -> Result<()> {
+    let mut cluster = Cluster::start(3, |b| b).await?;
+    let view = cluster.nodes[0].cluster_view().await?;
+    let old_generation = member_generation(&view, "n2").context("n2 listed")?;
+    // kill -9 and start again at once, same id and ports: the others may
+    // not even have noticed it was gone.
+    cluster.kill9(1).await?;
+    cluster.restart(1).await?;
+    cluster.wait_converged(CONVERGE_TIMEOUT).await?;
+    for node in &cluster.nodes {
+        let view = node
+            .wait_cluster_view("n2 ready with a new generation", CONVERGE_TIMEOUT, |v| {
+                member_generation(v, "n2").is_some_and(|g| g > old_generation)
+                    && member_state(v, "n2").as_deref() == Some("ready")
+            })
+            .await?;
+        ensure!(ring_owners(&view).len() == 3, "{}: ring {view}", node.id());
+    }
+    // Delivery through it: subscribers on every node (n2's new life
+    // included), publishers on every node, topics of every owner.
+    let topics = topics("again", 30);
+    let mut subs = Vec::new();
+    for node in &cluster.nodes {
+        let mut sub = Subscriber::connect(node, "sub").await?;
+        sub.sub_all(&topics).await?;
+        subs.push(sub);
+    }
+    let mut want = BTreeMap::new();
+    for node in &cluster.nodes {
+        let mut publisher = node.ws().await?;
+        let items: Vec<(String, String)> = topics
+            .iter()
+            .map(|t| (t.clone(), data(node.id(), t, 0)))
+            .collect();
+        let seqs = publish_acked(&mut publisher, &items).await?;
+        want.extend(items.into_iter().map(|(_, d)| d).zip(seqs));
+    }
+    every_node_owns_topics(&cluster).await?;
+    let keys: BTreeSet<String> = want.keys().cloned().collect();
+    for sub in &mut subs {
+        sub.wait_for(&keys, DELIVERY_TIMEOUT).await?;
+        sub.quiet().await?;
+        sub.check_order(false)?;
+        for (d, seq) in &want {
+            ensure!(sub.seq_of(d) == Some(*seq), "{}: {d}", sub.name);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_publish_during_an_owner_outage_is_answered_in_bounded_time() -> Result<()> {
+    // The owner is frozen (SIGSTOP): its connections stay up until they
+    // time out, so requests to it can only end by the request timeout.
+    let cluster = Cluster::start(3, |b| b.flag("--cluster-request-timeout", "1s")).await?;
+    let topics = topics("outage", 30);
+    let mut publisher = cluster.nodes[0].ws().await?;
+    let items: Vec<(String, String)> = topics
+        .iter()
+        .map(|t| (t.clone(), data("warm", t, 0)))
+        .collect();
+    publish_acked(&mut publisher, &items).await?;
+    every_node_owns_topics(&cluster).await?;
+
+    cluster.nodes[2].signal(libc::SIGSTOP)?;
+    let frozen = Instant::now();
+    let mut rounds = 0;
+    let mut unavailable = 0;
+    let mut slowest = Duration::ZERO;
+    // Publish rounds to every topic until all are acked again: each round's
+    // every reply (ok or unavailable) comes within the request timeout
+    // plus slack, never later.
+    loop {
+        let items: Vec<(String, String)> = topics
+            .iter()
+            .map(|t| (t.clone(), data("outage", t, rounds)))
+            .collect();
+        let sent = Instant::now();
+        let replies = publish_all(&mut publisher, &items, Duration::from_secs(3))
+            .await
+            .with_context(|| format!("round {rounds}, {:?} after the freeze", frozen.elapsed()))?;
+        slowest = slowest.max(sent.elapsed());
+        let refused = replies
+            .iter()
+            .filter(|r| matches!(r, PubReply::Unavailable))
+            .count();
+        unavailable += refused;
+        rounds += 1;
+        if refused == 0 && rounds > 1 {
+            break;
+        }
+        ensure!(
+            frozen.elapsed() < FAILOVER_BOUND,
+            "{refused} topics still unavailable {:?} after the owner froze",
+            frozen.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // HTTP publish is bounded the same way (200 or 503).
+    let resp = cluster.nodes[1]
+        .http_publish("outage.0", Some("application/json"), b"1", &[])
+        .await?;
+    ensure!(
+        resp.status == 200 || resp.status == 503,
+        "HTTP publish: {} {}",
+        resp.status,
+        resp.text()
+    );
+    eprintln!(
+        "outage: {rounds} rounds, {unavailable} unavailable, slowest round {slowest:?}, \
+         all acked {:?} after the freeze",
+        frozen.elapsed()
+    );
+    ensure!(
+        unavailable > 0,
+        "no publish was refused: the frozen node owned nothing?"
+    );
+    Ok(())
+}
+
+/// For `watch`, polls every node in `nodes` that `id` is never on its ring
+/// (and, with `not_listed`, not among its members either).
+async fn stays_out(nodes: &[&Node], id: &str, not_listed: bool, watch: Duration) -> Result<()> {
+    let deadline = Instant::now() + watch;
+    while Instant::now() < deadline {
+        for node in nodes {
+            let view = node.cluster_view().await?;
+            ensure!(
+                !ring_owners(&view).contains(id),
+                "{id} is on {}'s ring: {view}",
+                node.id()
+            );
+            if not_listed {
+                ensure!(
+                    member_state(&view, id).is_none(),
+                    "{id} is a member on {}: {view}",
+                    node.id()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The outsider answers `/readyz` 503 "joining" at first (it has seeds and
+/// no peer it can connect to).
+async fn joining_at_first(node: &Node) -> Result<()> {
+    let (status, body) = node.readyz().await?;
+    ensure!(
+        status == 503
+            && body["reasons"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|x| x == "joining")),
+        "{}: /readyz {status} {body}",
+        node.id()
+    );
+    Ok(())
+}
+
+/// Publishes from the outsider reach no subscriber in the cluster, and the
+/// cluster's publishes do not reach the outsider's subscriber.
+async fn outsider_is_cut_off(cluster: &Cluster, outsider: &Node, prefix: &str) -> Result<()> {
+    let topics = topics(prefix, 12);
+    let mut inside = Subscriber::connect(&cluster.nodes[0], "inside").await?;
+    inside.sub_all(&topics).await?;
+    let mut outside = Subscriber::connect(outsider, "outside").await?;
+    for topic in &topics {
+        // Answered one way or the other: its own ring, or unavailable.
+        let id = outside.ws.fresh_id();
+        outside
+            .ws
+            .send_json(json!({"op": "sub", "id": id, "topic": topic}))
+            .await?;
+        let v = outside.ws.recv().await?;
+        ensure!(
+            v["id"] == id && (v["op"] == "ok" || v["code"] == "unavailable"),
+            "outsider sub {topic}: {v}"
+        );
+    }
+    let mut from_outside = outsider.ws().await?;
+    let items: Vec<(String, String)> = topics
+        .iter()
+        .map(|t| (t.clone(), data("outsider", t, 0)))
+        .collect();
+    publish_all(&mut from_outside, &items, Duration::from_secs(6)).await?;
+    let mut from_inside = cluster.nodes[1].ws().await?;
+    let items: Vec<(String, String)> = topics
+        .iter()
+        .map(|t| (t.clone(), data("insider", t, 0)))
+        .collect();
+    publish_acked(&mut from_inside, &items).await?;
+    let want: BTreeSet<String> = items.into_iter().map(|(_, d)| d).collect();
+    inside.wait_for(&want, DELIVERY_TIMEOUT).await?;
+    inside.quiet().await?;
+    ensure!(
+        inside.data_seen() == want,
+        "the cluster's subscriber got the outsider's messages: {:?}",
+        inside.data_seen()
+    );
+    outside.quiet().await?;
+    ensure!(
+        outside.got.iter().all(|m| !m["data"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("insider")),
+        "the outsider's subscriber got the cluster's messages: {:?}",
+        outside.got
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
+    let cluster = Cluster::start(2, |b| b).await?;
+    let other = Ca::new()?;
+    let cert = other.node("n3")?;
+    let outsider = NodeBuilder::new("n3")
+        .cluster_tls(&cert)
+        .cluster_timings()
+        .seed(cluster.nodes[0].gossip_addr())
+        .start()
+        .await?;
+    joining_at_first(&outsider).await?;
+    let insiders: Vec<&Node> = cluster.nodes.iter().collect();
+    // Past the join timeout (2 s) and a few gossip rounds: never placed.
+    stays_out(&insiders, "n3", false, Duration::from_secs(4)).await?;
+    let ring = outsider.ring_owners().await?;
+    ensure!(
+        !ring.contains("n1") && !ring.contains("n2"),
+        "the outsider placed a member it cannot authenticate: {ring:?}"
+    );
+    outsider_is_cut_off(&cluster, &outsider, "ca").await?;
+    stays_out(&insiders, "n3", false, Duration::from_millis(500)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_with_another_cluster_name_stays_out() -> Result<()> {
+    let cluster = Cluster::start(2, |b| b).await?;
+    let outsider = NodeBuilder::new("n3")
+        .shared_cluster_tls()?
+        .cluster_timings()
+        .flag("--cluster-name", "elsewhere")
+        .seed(cluster.nodes[0].gossip_addr())
+        .start()
+        .await?;
+    joining_at_first(&outsider).await?;
+    let insiders: Vec<&Node> = cluster.nodes.iter().collect();
+    stays_out(&insiders, "n3", true, Duration::from_secs(4)).await?;
+    let view = outsider.cluster_view().await?;
+    for id in ["n1", "n2"] {
+        ensure!(
+            member_state(&view, id).is_none() && !ring_owners(&view).contains(id),
+            "the outsider lists {id}: {view}"
+        );
+    }
+    outsider_is_cut_off(&cluster, &outsider, "name").await?;
+    stays_out(&insiders, "n3", true, Duration::from_millis(500)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn seeds_without_tls_refuse_to_start_and_say_why() -> Result<()> {
+    let seed = "127.0.0.1:9".parse()?;
+    let cert = Ca::shared()?.node("n1")?;
+    let ca = cert.ca.to_string_lossy().into_owned();
+    let crt = cert.cert.to_string_lossy().into_owned();
+    // Nothing, then a CA and a certificate without the key.
+    for (given, missing) in [
+        (vec![], "cluster.ca"),
+        (
+            vec!["--cluster-ca", ca.as_str(), "--cluster-cert", crt.as_str()],
+            "cluster.key",
+        ),
+    ] {
+        let (status, log) = NodeBuilder::new("n1")
+            .seed(seed)
+            .args(given.iter().copied())
+            .run_to_exit(Duration::from_secs(10))
+            .await?;
+        ensure!(
+            !status.success(),
+            "started with seeds and {given:?}: {status}"
+        );
+        ensure!(
+            log.contains(missing),
+            "with {given:?}, the refusal does not name {missing}: {log}"
+        );
+    }
+    Ok(())
+}
