@@ -15,11 +15,12 @@
 # Environment:
 #   HERALD_BIN, BENCH_BIN, NATS_SERVER   binaries (defaults below)
 #   OUT_DIR      where logs, configs and the report go (default: a new /tmp dir)
-#   PORT_BASE    first of the ports used (default 17000); see "Ports" below
+#   PORT_BASE    first of the ports used (default 26000); see "Ports" below
 #   SCENARIO_TIMEOUT  seconds allowed per scenario, both runs (default 600)
 #   SUBSCRIBERS  fan-out subscribers (default 1000)
 #   FANOUT_MAX_MESSAGES  messages in the max-rate fan-out (default 10000)
 #   TOPICS       topics in the topics scenarios (default 1000)
+#   TOPICS_MAX_MESSAGES  messages in the max-rate topics run (default 100000)
 #   SUB_PROCS    subscriber child processes per run (default 1)
 #   KEEP=1       leave the clusters running until Enter is pressed
 set -euo pipefail
@@ -29,11 +30,12 @@ HERALD_BIN=${HERALD_BIN:-$ROOT/target/release/herald}
 BENCH_BIN=${BENCH_BIN:-$ROOT/target/release/herald-bench}
 NATS_SERVER=${NATS_SERVER:-/usr/sbin/nats-server}
 OUT_DIR=${OUT_DIR:-$(mktemp -d /tmp/herald-cluster-bench.XXXXXX)}
-PORT_BASE=${PORT_BASE:-17000}
+PORT_BASE=${PORT_BASE:-26000}
 SCENARIO_TIMEOUT=${SCENARIO_TIMEOUT:-600}
 SUBSCRIBERS=${SUBSCRIBERS:-1000}
 FANOUT_MAX_MESSAGES=${FANOUT_MAX_MESSAGES:-10000}
 TOPICS=${TOPICS:-1000}
+TOPICS_MAX_MESSAGES=${TOPICS_MAX_MESSAGES:-100000}
 SUB_PROCS=${SUB_PROCS:-1}
 NODES=3
 
@@ -55,7 +57,7 @@ n_mon() { echo $((PORT_BASE + 280 + $1)); }
 SCENARIOS=(
   "fanout-max|fan-out, ${SUBSCRIBERS} subscribers over 3 nodes, ${FANOUT_MAX_MESSAGES} x 64 B at max rate|fanout -s ${SUBSCRIBERS} -n ${FANOUT_MAX_MESSAGES} -b 64 --sub-procs ${SUB_PROCS} --timeout-secs 240"
   "fanout-200|fan-out, ${SUBSCRIBERS} subscribers over 3 nodes, 2000 x 64 B at 200 msg/s|fanout -s ${SUBSCRIBERS} -n 2000 -b 64 --rate 200 --sub-procs ${SUB_PROCS} --timeout-secs 240"
-  "topics-max|${TOPICS} topics x 1 subscriber, 3 publishers, every message crossing nodes, 20000 x 64 B at max rate|topics -t ${TOPICS} -k 1 -n 20000 -b 64 --sub-procs ${SUB_PROCS} --timeout-secs 240"
+  "topics-max|${TOPICS} topics x 1 subscriber, 3 publishers, every message crossing nodes, ${TOPICS_MAX_MESSAGES} x 64 B at max rate|topics -t ${TOPICS} -k 1 -n ${TOPICS_MAX_MESSAGES} -b 64 --sub-procs ${SUB_PROCS} --timeout-secs 240"
   "topics-2000|${TOPICS} topics x 1 subscriber, 3 publishers, every message crossing nodes, 10000 x 64 B at 2000 msg/s|topics -t ${TOPICS} -k 1 -n 10000 -b 64 --rate 2000 --sub-procs ${SUB_PROCS} --timeout-secs 240"
 )
 
@@ -83,7 +85,7 @@ command -v jq >/dev/null || die "jq is needed"
 PIDS=()
 NAMES=()
 cleanup() {
-  local rc=$?
+  local rc=$? pid k
   trap - EXIT INT TERM
   if ((${#PIDS[@]})); then
     log "stopping ${#PIDS[@]} processes"
@@ -94,10 +96,10 @@ cleanup() {
       ((alive)) || break
       sleep 0.1
     done
-    for i in "${!PIDS[@]}"; do
-      if kill -0 "${PIDS[$i]}" 2>/dev/null; then
-        log "${NAMES[$i]} (pid ${PIDS[$i]}) ignored SIGTERM for 10 s: SIGKILL"
-        kill -KILL "${PIDS[$i]}" 2>/dev/null || true
+    for k in "${!PIDS[@]}"; do
+      if kill -0 "${PIDS[$k]}" 2>/dev/null; then
+        log "${NAMES[$k]} (pid ${PIDS[$k]}) ignored SIGTERM for 10 s: SIGKILL"
+        kill -KILL "${PIDS[$k]}" 2>/dev/null || true
       fi
     done
     wait 2>/dev/null || true
@@ -194,12 +196,12 @@ done
 
 # --- Wait until both clusters are formed ------------------------------------
 wait_for() { # description timeout-seconds command...
-  local what=$1 secs=$2
+  local what=$1 secs=$2 k
   shift 2
   local deadline=$((SECONDS + secs))
   until "$@" >/dev/null 2>&1; do
-    for i in "${!PIDS[@]}"; do
-      kill -0 "${PIDS[$i]}" 2>/dev/null || die "${NAMES[$i]} exited; see $OUT_DIR/${NAMES[$i]}.log"
+    for k in "${!PIDS[@]}"; do
+      kill -0 "${PIDS[$k]}" 2>/dev/null || die "${NAMES[$k]} exited; see $OUT_DIR/${NAMES[$k]}.log"
     done
     ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what"
     sleep 0.2
@@ -232,7 +234,7 @@ done
 
 # CPU time (user + system, seconds) of a list of pids.
 cpu_secs() {
-  local ticks=0 pid
+  local ticks=0 pid utime stime
   for pid in "$@"; do
     if [[ -r /proc/$pid/stat ]]; then
       # Fields 14 and 15 after the command name (which may contain spaces).
@@ -251,8 +253,9 @@ rss_mib() {
   echo $((kb / 1024))
 }
 alive_check() {
-  for i in "${!PIDS[@]}"; do
-    kill -0 "${PIDS[$i]}" 2>/dev/null || log "WARNING: ${NAMES[$i]} is no longer running"
+  local k
+  for k in "${!PIDS[@]}"; do
+    kill -0 "${PIDS[$k]}" 2>/dev/null || log "WARNING: ${NAMES[$k]} is no longer running"
   done
 }
 
@@ -275,6 +278,7 @@ for s in "${SCENARIOS[@]}"; do
   # shellcheck disable=SC2206 # the arguments are words by design
   cmd=("$BENCH_BIN" compare "${HERALD_URLS[@]}" "${NATS_URLS[@]}" --label "$name" $cargs)
   echo "${cmd[*]}" >"$OUT_DIR/$name.cmd"
+  load=$(cut -d' ' -f1 /proc/loadavg)
   h_cpu0=$(cpu_secs "${HERALD_PIDS[@]}")
   n_cpu0=$(cpu_secs "${NATS_PIDS[@]}")
   set +e
@@ -283,7 +287,7 @@ for s in "${SCENARIOS[@]}"; do
   set -e
   h_cpu=$(awk -v a="$h_cpu0" -v b="$(cpu_secs "${HERALD_PIDS[@]}")" 'BEGIN { printf "%.1f", b - a }')
   n_cpu=$(awk -v a="$n_cpu0" -v b="$(cpu_secs "${NATS_PIDS[@]}")" 'BEGIN { printf "%.1f", b - a }')
-  CPU_ROWS+=("| $name | $h_cpu | $n_cpu | $(rss_mib "${HERALD_PIDS[@]}") | $(rss_mib "${NATS_PIDS[@]}") |")
+  CPU_ROWS+=("| $name | $h_cpu | $n_cpu | $(rss_mib "${HERALD_PIDS[@]}") | $(rss_mib "${NATS_PIDS[@]}") | $load |")
   if ((rc == 124 || rc == 137)); then
     log "$name: timed out after ${SCENARIO_TIMEOUT}s"
     ROWS+=("| $name | timed out after ${SCENARIO_TIMEOUT}s |")
@@ -320,10 +324,10 @@ done
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
   printf '%s\n' "${ROWS[@]}"
   echo
-  echo "Broker CPU seconds used during each scenario (both runs; each cluster is idle while the other is measured) and resident memory after it, summed over 3 nodes:"
+  echo "Broker CPU seconds used during each scenario (both runs; each cluster is idle while the other is measured) and resident memory after it, summed over 3 nodes; the machine's 1-minute load average before the scenario:"
   echo
-  echo "| scenario | Herald CPU s | NATS CPU s | Herald RSS MiB | NATS RSS MiB |"
-  echo "| --- | ---: | ---: | ---: | ---: |"
+  echo "| scenario | Herald CPU s | NATS CPU s | Herald RSS MiB | NATS RSS MiB | load before |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
   printf '%s\n' "${CPU_ROWS[@]}"
 } | tee -a "$REPORT"
 log "report: $REPORT"

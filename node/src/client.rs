@@ -32,6 +32,7 @@ use crate::outbox::close_code;
 use crate::router::Router;
 use crate::session;
 use crate::shard::{Ack, Publish};
+use crate::telemetry::{self, Hop};
 
 /// How long an HTTP publish waits for its owner to sequence the message.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,8 @@ pub struct ClientContext {
     pub lifecycle: Lifecycle,
     pub panic_topic: Option<String>,
     pub stall_topic: Option<String>,
+    /// For log lines about sessions.
+    pub node_id: crate::owner::NodeId,
 }
 
 impl ClientContext {
@@ -353,6 +356,14 @@ async fn publish(
     METRICS.messages_in.inc();
     METRICS.bytes_in.add(data.len() as u64);
     METRICS.http_publishes.inc();
+    // The message enters here: this span is the owner's parent.
+    let span = telemetry::message_span(
+        Hop::Publish,
+        trace.as_ref(),
+        tracestate.as_deref(),
+        topic.as_str(),
+    );
+    let trace = span.traceparent().or(trace);
     let (ack, acked) = oneshot::channel();
     let publish = Publish {
         topic,

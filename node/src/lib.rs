@@ -195,6 +195,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         lifecycle: lifecycle.clone(),
         panic_topic: config.testing.panic_topic.clone(),
         stall_topic: config.testing.stall_topic.clone(),
+        node_id: node_id.clone(),
     });
     tokio::spawn(client::serve(client_listener, clients));
     info!(

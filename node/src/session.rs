@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, warn, Instrument};
 
 use crate::admission::ConnectionPermit;
 use crate::auth::Grants;
@@ -31,6 +31,7 @@ use crate::metrics::METRICS;
 use crate::outbox::{close_code, next_session_id, outbox, Outbox, SessionHandle, SessionId};
 use crate::owner::SubKey;
 use crate::shard::{Ack, Publish};
+use crate::telemetry::{self, Hop};
 
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -88,8 +89,11 @@ pub async fn run(
         grants,
         subscriptions: HashSet::new(),
     };
+    // Every line logged while serving carries the node and session ids.
+    let span = tracing::info_span!("session", node_id = %ctx.node_id, session_id = id);
     let served = AssertUnwindSafe(session.serve(&mut socket, &mut outbox))
         .catch_unwind()
+        .instrument(span)
         .await;
     let end = match served {
         Ok(end) => end,
@@ -351,6 +355,14 @@ impl Session {
                 }
                 METRICS.messages_in.inc();
                 METRICS.bytes_in.add(data.len() as u64);
+                // The message enters here: this span is the owner's parent.
+                let span = telemetry::message_span(
+                    Hop::Publish,
+                    trace.as_ref(),
+                    tracestate.as_deref(),
+                    topic.as_str(),
+                );
+                let trace = span.traceparent().or(trace);
                 let ack = id.map(|id| Ack::Session {
                     session: self.handle.clone(),
                     id,

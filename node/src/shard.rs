@@ -30,6 +30,7 @@ use crate::metrics::METRICS;
 use crate::outbox::{SessionHandle, SessionId};
 use crate::owner::{NodeId, OwnerLimits, Route, Sequenced, SubKey, TopicOwner};
 use crate::ring::Placement;
+use crate::telemetry::{self, Hop};
 use crate::transport::SharedTransport;
 
 /// Request ids carry the shard index in their low bits, so a peer's answer
@@ -430,9 +431,7 @@ impl Shard {
                     tracestate,
                     ack,
                 } = publish;
-                let (message, routes) =
-                    self.owner
-                        .publish(topic, data, trace, tracestate, Instant::now());
+                let (message, routes) = self.sequence(topic, data, trace, tracestate);
                 if let Some(ack) = ack {
                     ack.acked(message.seq, &message.epoch);
                 }
@@ -491,12 +490,11 @@ impl Shard {
         if owner.as_ref().is_some_and(|o| self.is_self(o)) {
             // The topic moved here while the request waited.
             if let Some(pending) = self.publishes.remove(&req) {
-                let (message, routes) = self.owner.publish(
+                let (message, routes) = self.sequence(
                     pending.topic,
                     pending.data,
                     pending.trace,
                     pending.tracestate,
-                    Instant::now(),
                 );
                 pending.ack.acked(message.seq, &message.epoch);
                 self.route(&message, routes);
@@ -516,6 +514,57 @@ impl Shard {
         }
     }
 
+    /// The owner's hop: sequences a message under its `herald.sequence`
+    /// span, which becomes the parent of every delivery.
+    fn sequence(
+        &mut self,
+        topic: Topic,
+        data: Data,
+        trace: Option<TraceParent>,
+        tracestate: Option<String>,
+    ) -> (Arc<Sequenced>, Vec<Route>) {
+        let span = telemetry::message_span(
+            Hop::Sequence,
+            trace.as_ref(),
+            tracestate.as_deref(),
+            topic.as_str(),
+        );
+        let trace = span.traceparent().or(trace);
+        let (message, routes) = self
+            .owner
+            .publish(topic, data, trace, tracestate, Instant::now());
+        span.record_seq(message.seq);
+        (message, routes)
+    }
+
+    /// This node's delivery hop: hands `message` to local sessions under a
+    /// `herald.deliver` span, which the `msg`s carry as their parent.
+    fn deliver_here(&mut self, message: &Sequenced, groups: &[SubKey]) {
+        if !telemetry::enabled() {
+            self.local.deliver(message, groups);
+            return;
+        }
+        let span = telemetry::message_span(
+            Hop::Deliver,
+            message.trace.as_ref(),
+            message.tracestate.as_deref(),
+            message.topic.as_str(),
+        );
+        span.record_seq(message.seq);
+        let _entered = span.span().map(|s| s.enter());
+        // The msg's trace names this hop's span, so it is a message of its
+        // own (history keeps the owner's).
+        let traced = Sequenced::new(
+            message.topic.clone(),
+            message.seq,
+            message.epoch.clone(),
+            message.data.clone(),
+            span.traceparent().or(message.trace),
+            message.tracestate.clone(),
+        );
+        self.local.deliver(&traced, groups);
+    }
+
     /// Hands a sequenced message to local sessions and to every other node
     /// with interest.
     fn route(&mut self, message: &Arc<Sequenced>, routes: Vec<Route>) {
@@ -523,7 +572,7 @@ impl Shard {
         let mut plain_frame: Option<Bytes> = None;
         for route in routes {
             if self.is_self(&route.node) {
-                self.local.deliver(message, &route.groups);
+                self.deliver_here(message, &route.groups);
                 continue;
             }
             let Some(transport) = self.setup.transport.clone() else {
@@ -777,9 +826,7 @@ impl Shard {
                     return;
                 }
                 let parent = trace.traceparent.as_deref().and_then(TraceParent::parse);
-                let (message, routes) =
-                    self.owner
-                        .publish(topic, data, parent, trace.tracestate, Instant::now());
+                let (message, routes) = self.sequence(topic, data, parent, trace.tracestate);
                 if let Some(req) = req {
                     self.send(
                         &from,
@@ -826,7 +873,7 @@ impl Shard {
                     trace.traceparent.as_deref().and_then(TraceParent::parse),
                     trace.tracestate,
                 );
-                self.local.deliver(&message, &groups);
+                self.deliver_here(&message, &groups);
             }
             PeerFrame::Subscribe {
                 req,

@@ -353,7 +353,7 @@ fn verify_chain(
     node_id: &str,
 ) -> Result<(), TlsError> {
     let Some((leaf, intermediates)) = chain.split_first() else {
-        return Err(TlsError::NoNodeId);
+        return Err(TlsError::Parse("empty certificate chain".into()));
     };
     let provider = ring_provider();
     let roots = Arc::new(root_store(ca)?);

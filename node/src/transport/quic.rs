@@ -7,6 +7,11 @@
 //! a re-dial racing the old connection's death, a peer with another rule)
 //! [`admit`] keeps exactly one, and both ends agree on which.
 //!
+//! A connection from a node `set_peers` has not listed yet is admitted: the
+//! dialer's membership may be ahead of ours. One from a node `set_peers`
+//! removed is refused until it is listed again or comes back with a newer
+//! generation, so a node the cluster declared gone cannot dial its way in.
+//!
 //! Events are ordered per peer: a connection's frames come between its
 //! `PeerUp` and its `PeerDown`, and a replaced connection's `PeerDown` comes
 //! before its successor's `PeerUp`.
