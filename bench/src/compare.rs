@@ -208,6 +208,9 @@ fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "-".to_string(), |r| format!("{r:.2}"))
 }
 
+/// Formats one figure of a run.
+type Getter<'a> = &'a dyn Fn(&Figures) -> String;
+
 fn print_comparison(c: &Comparison) {
     let cell = |f: &Result<Figures, String>, get: &dyn Fn(&Figures) -> String| match f {
         Ok(f) => get(f),
@@ -219,7 +222,7 @@ fn print_comparison(c: &Comparison) {
         "{:<16} {:>16} {:>16} {:>12}",
         "", "herald", "nats", "herald/nats"
     );
-    let rows: [(&str, &dyn Fn(&Figures) -> String, Option<f64>); 5] = [
+    let rows: [(&str, Getter<'_>, Option<f64>); 5] = [
         (
             "deliveries/s",
             &|f| format!("{:.0}", f.deliveries_per_sec),

@@ -30,6 +30,59 @@ impl Counter {
     }
 }
 
+/// Latency buckets (seconds) of the publish-to-deliver histogram: sub-ms
+/// on one node, a few ms across a LAN, and the tail.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A Prometheus histogram over [`LATENCY_BUCKETS`], lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Self {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len()],
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe_micros(&self, micros: u64) {
+        let seconds = micros as f64 / 1e6;
+        if let Some(at) = LATENCY_BUCKETS.iter().position(|le| seconds <= *le) {
+            self.buckets[at].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, "histogram", help);
+        let mut cumulative = 0;
+        for (le, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Microseconds since the Unix epoch, the clock messages are stamped with.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A value that rises and falls.
 #[derive(Debug)]
 pub struct Gauge(AtomicI64);
@@ -95,6 +148,7 @@ pub struct Metrics {
     pub members_draining: Gauge,
     pub members_dead: Gauge,
     pub scheduling_lag_micros: Gauge,
+    pub delivery_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -129,6 +183,7 @@ impl Metrics {
             members_draining: Gauge::new(),
             members_dead: Gauge::new(),
             scheduling_lag_micros: Gauge::new(),
+            delivery_latency: Histogram::new(),
         }
     }
 
@@ -311,6 +366,11 @@ impl Metrics {
                 gauge.get()
             );
         }
+        self.delivery_latency.render(
+            &mut out,
+            "herald_publish_to_deliver_seconds",
+            "From the owner sequencing a message to this node queueing it for its sessions (across nodes, includes clock skew).",
+        );
         let _ = writeln!(
             out,
             "# HELP herald_scheduling_lag_seconds How late the runtime ran a timer, worst of the last second.\n\
@@ -350,6 +410,22 @@ fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_histogram_is_cumulative() {
+        let m = Metrics::new();
+        m.delivery_latency.observe_micros(300);
+        m.delivery_latency.observe_micros(3_000);
+        m.delivery_latency.observe_micros(10_000_000);
+        let text = m.render();
+        let name = "herald_publish_to_deliver_seconds";
+        assert!(text.contains(&format!("{name}_bucket{{le=\"0.0005\"}} 1\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"0.005\"}} 2\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"2.5\"}} 2\n")));
+        assert!(text.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 3\n")));
+        assert!(text.contains(&format!("{name}_count 3\n")));
+        assert!(text.contains(&format!("{name}_sum 10.0033\n")));
+    }
 
     #[test]
     fn renders_prometheus_text() {

@@ -33,6 +33,8 @@ pub struct Sequenced {
     pub data: Data,
     pub trace: Option<TraceParent>,
     pub tracestate: Option<String>,
+    /// When the owner sequenced it, µs since the Unix epoch.
+    pub sequenced_at_us: u64,
     encoded: [OnceLock<Bytes>; 2],
 }
 
@@ -52,8 +54,15 @@ impl Sequenced {
             data,
             trace,
             tracestate,
+            sequenced_at_us: crate::metrics::now_micros(),
             encoded: [OnceLock::new(), OnceLock::new()],
         }
+    }
+
+    /// The same message as sequenced elsewhere at `at_us`.
+    pub fn sequenced_at(mut self, at_us: u64) -> Sequenced {
+        self.sequenced_at_us = at_us;
+        self
     }
 
     /// The `msg` object for `codec`, encoded on first use.

@@ -540,6 +540,9 @@ impl Shard {
     /// This node's delivery hop: hands `message` to local sessions under a
     /// `herald.deliver` span, which the `msg`s carry as their parent.
     fn deliver_here(&mut self, message: &Sequenced, groups: &[SubKey]) {
+        METRICS
+            .delivery_latency
+            .observe_micros(crate::metrics::now_micros().saturating_sub(message.sequenced_at_us));
         if !telemetry::enabled() {
             self.local.deliver(message, groups);
             return;
@@ -561,7 +564,8 @@ impl Shard {
             message.data.clone(),
             span.traceparent().or(message.trace),
             message.tracestate.clone(),
-        );
+        )
+        .sequenced_at(message.sequenced_at_us);
         self.local.deliver(&traced, groups);
     }
 
@@ -864,6 +868,7 @@ impl Shard {
                 data,
                 trace,
                 groups,
+                sequenced_at_us,
             } => {
                 let message = Sequenced::new(
                     topic,
@@ -872,7 +877,8 @@ impl Shard {
                     data,
                     trace.traceparent.as_deref().and_then(TraceParent::parse),
                     trace.tracestate,
-                );
+                )
+                .sequenced_at(sequenced_at_us);
                 self.deliver_here(&message, &groups);
             }
             PeerFrame::Subscribe {
@@ -1129,6 +1135,7 @@ fn encode_deliver(message: &Sequenced, groups: Vec<InterestKey>) -> Option<Bytes
         data: message.data.clone(),
         trace: trace_context(message.trace.as_ref(), message.tracestate.clone()),
         groups,
+        sequenced_at_us: message.sequenced_at_us,
     };
     match peer::encode(&frame) {
         Ok(bytes) => Some(bytes),

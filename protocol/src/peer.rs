@@ -91,6 +91,10 @@ pub enum PeerFrame {
         data: Data,
         trace: TraceContext,
         groups: Vec<InterestKey>,
+        /// When the owner sequenced it (µs since the Unix epoch), for the
+        /// publish-to-deliver latency histogram.
+        #[serde(default)]
+        sequenced_at_us: u64,
     },
     /// A node to an exact topic's owner: record interest in `key` and answer
     /// with the topic's state ([`PeerFrame::Subscribed`]).
@@ -181,6 +185,7 @@ mod tests {
                 data: Data::Binary(Bytes::from_static(&[0, 1, 255])),
                 trace: TraceContext::default(),
                 groups: vec![key("news.*", Some("workers"))],
+                sequenced_at_us: 1_764_000_000_000_000,
             },
             PeerFrame::Subscribe {
                 req: 2,
