@@ -322,13 +322,13 @@ done
   echo
   echo "| scenario | Herald deliveries/s | NATS deliveries/s | ratio | Herald p50 | NATS p50 | ratio | Herald p99 | NATS p99 | ratio | Herald lost/dup/ooo | NATS lost/dup/ooo |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
-  printf '%s\n' "${ROWS[@]}"
+  ((${#ROWS[@]} == 0)) || printf '%s\n' "${ROWS[@]}"
   echo
   echo "Broker CPU seconds used during each scenario (both runs; each cluster is idle while the other is measured) and resident memory after it, summed over 3 nodes; the machine's 1-minute load average before the scenario:"
   echo
   echo "| scenario | Herald CPU s | NATS CPU s | Herald RSS MiB | NATS RSS MiB | load before |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  printf '%s\n' "${CPU_ROWS[@]}"
+  ((${#CPU_ROWS[@]} == 0)) || printf '%s\n' "${CPU_ROWS[@]}"
 } | tee -a "$REPORT"
 log "report: $REPORT"
 

@@ -1,7 +1,8 @@
 //! Harness for Herald's end-to-end tests: real `herald` processes (see
 //! [`node`]) driven by real clients over WebSocket ([`ws`]) and HTTP
 //! ([`http`]), with a reader for `/metrics` ([`metrics`]), JWT minting
-//! ([`jwt`]) and cluster certificates ([`certs`]).
+//! ([`jwt`]), cluster certificates ([`certs`]) and an OTLP trace receiver
+//! ([`otlp`]).
 //!
 //! Tests run in parallel threads; every node gets its own ports and its own
 //! scratch directory, and every wait is bounded.
@@ -11,6 +12,7 @@ pub mod http;
 pub mod jwt;
 pub mod metrics;
 pub mod node;
+pub mod otlp;
 pub mod ws;
 
 pub use certs::{Ca, NodeCert};

@@ -587,14 +587,22 @@ async fn a_fourth_node_joins_while_delivery_goes_on() -> Result<()> {
     // topics) while n4 starts and the rings take it in.
     let mut during_acked = 0usize;
     let mut during_unavailable = 0usize;
+    let joined = std::cell::Cell::new(false);
     let join = async {
-        let i = cluster.add_node(|b| b).await?;
-        cluster.wait_converged(CONVERGE_TIMEOUT).await?;
-        Ok::<usize, anyhow::Error>(i)
+        let result = async {
+            let i = cluster.add_node(|b| b).await?;
+            cluster.wait_converged(CONVERGE_TIMEOUT).await?;
+            Ok::<usize, anyhow::Error>(i)
+        }
+        .await;
+        joined.set(true);
+        result
     };
     let load = async {
         let mut k = 1usize;
-        loop {
+        // Each publish is answered before the next: none is left in flight
+        // when the join is done.
+        while !joined.get() {
             for (id, ws) in publishers.iter_mut() {
                 let t = &topics[k % topics.len()];
                 let item = (t.clone(), data(id, t, k));
@@ -606,13 +614,11 @@ async fn a_fourth_node_joins_while_delivery_goes_on() -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())
     };
-    let n4 = tokio::select! {
-        joined = join => joined?,
-        failed = load => { failed?; unreachable!("the load loop only ends on an error") }
-    };
+    let (n4, load) = tokio::join!(join, load);
+    let n4 = n4?;
+    load?;
     eprintln!("during the join: {during_acked} publishes acked, {during_unavailable} unavailable");
     // After the join: n4 owns some topics, and every acked publish reaches
     // every subscriber, with the seq it was acked with.
@@ -711,8 +717,9 @@ async fn a_killed_node_is_replaced_and_survivors_keep_delivering() -> Result<()>
         sub.sub_all(&topics).await?;
         subs.push(sub);
     }
-    let mut wild = Subscriber::connect(&cluster.nodes[1], "wild").await?;
-    wild.ws.sub("*.kill").await?;
+    // No wildcard subscriber here: one on a node makes every owner send
+    // that node every message of the topics it covers, which would hide a
+    // lost exact interest (wildcards are tested above).
     let mut publishers = Vec::new();
     for node in &cluster.nodes[..2] {
         publishers.push((node.id().to_owned(), node.ws().await?));
@@ -727,7 +734,7 @@ async fn a_killed_node_is_replaced_and_survivors_keep_delivering() -> Result<()>
         before.extend(items.into_iter().map(|(_, d)| d));
     }
     every_node_owns_topics(&cluster).await?;
-    for sub in subs.iter_mut().chain([&mut wild]) {
+    for sub in subs.iter_mut() {
         sub.wait_for(&before, DELIVERY_TIMEOUT).await?;
     }
 
@@ -767,7 +774,7 @@ async fn a_killed_node_is_replaced_and_survivors_keep_delivering() -> Result<()>
         last.extend(items.into_iter().map(|(_, d)| d).zip(seqs));
     }
     let want: BTreeSet<String> = last.keys().cloned().collect();
-    for sub in subs.iter_mut().chain([&mut wild]) {
+    for sub in subs.iter_mut() {
         sub.wait_for(&want, DELIVERY_TIMEOUT).await?;
         sub.quiet().await?;
         for note in sub.check_order(true)? {

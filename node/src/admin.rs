@@ -22,7 +22,7 @@ use crate::client::{error_response, json_response};
 use crate::cluster::ClusterView;
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::load::{MemoryLimit, SchedulingLag};
-use crate::metrics::METRICS;
+use crate::metrics;
 use crate::owner::NodeId;
 use crate::router::Router;
 
@@ -140,7 +140,7 @@ async fn route(request: Request<Incoming>, ctx: &AdminContext) -> Response<Full<
     }
     match path {
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(METRICS.render())));
+            let mut response = Response::new(Full::new(Bytes::from(metrics::render_all())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

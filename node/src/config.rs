@@ -54,6 +54,16 @@ pub enum Command {
     /// Make certificates for the cluster's mutual TLS (development, compose).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Exit 0 when a node's admin endpoint answers 200 (for container
+    /// HEALTHCHECKs, where there is no curl).
+    Healthcheck {
+        /// The URL to GET (plain http).
+        #[arg(long, default_value = "http://127.0.0.1:7480/healthz")]
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]

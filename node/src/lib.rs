@@ -18,6 +18,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod healthcheck;
 pub mod history;
 pub mod lifecycle;
 pub mod load;
@@ -30,6 +31,7 @@ pub mod router;
 pub mod session;
 pub mod shard;
 pub mod system;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
@@ -187,6 +189,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
     });
     tokio::spawn(admin::serve(admin_listener, admin));
 
+    let router_for_watchdog = router.clone();
     let clients = Arc::new(ClientContext {
         limits: config.client.clone(),
         router,
@@ -205,6 +208,21 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         shards,
         "herald is ready"
     );
+    systemd::notify("READY=1");
+    if let Some(interval) = systemd::watchdog_interval() {
+        // Pet the watchdog only while the shards answer: a wedged node is
+        // restarted by systemd instead of lingering.
+        let router = router_for_watchdog;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                if router.healthy(interval / 2).await {
+                    systemd::notify("WATCHDOG=1");
+                }
+            }
+        });
+    }
 
     let signal = signal.await;
     drain(&lifecycle, &admission, config.node.drain_grace, signal).await;
@@ -284,6 +302,7 @@ async fn gossip_self(
 /// them with 1001 and waits (bounded) for them to finish.
 async fn drain(lifecycle: &Lifecycle, admission: &Admission, grace: Duration, signal: &str) {
     info!(signal, grace = ?grace, sessions = admission.active(), "draining");
+    systemd::notify("STOPPING=1");
     lifecycle.set(Phase::Draining);
     let deadline = Instant::now() + grace;
     while admission.active() > 0 && Instant::now() < deadline {

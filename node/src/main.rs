@@ -10,6 +10,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None | Some(Command::Run) => {}
+        Some(Command::Healthcheck { url, timeout }) => {
+            return match node::healthcheck::run(&url, timeout) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald healthcheck: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Cert(command)) => {
             return match node::cert::run(&command) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -27,8 +36,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    node::telemetry::init_logging(config.log.format);
-    match run(config) {
+    // Span export (when configured) is flushed after the runtime is gone.
+    let telemetry = node::telemetry::init(config.log.format, &config.node.id);
+    let result = run(config);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "herald stopped with an error");

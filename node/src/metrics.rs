@@ -4,10 +4,14 @@
 //! and no label set can grow with traffic (close codes and reasons are fixed
 //! lists).
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use protocol::Codec;
+
+use crate::owner::NodeId;
 
 pub static METRICS: Metrics = Metrics::new();
 
@@ -407,6 +411,110 @@ fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// One peer's link statistics, kept by the peer transport across
+/// reconnects and rendered by [`render_peers`] with a `peer` label (cluster
+/// members only, so the cluster size bounds the series).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStats {
+    pub peer: NodeId,
+    /// An authenticated connection to the peer is up.
+    pub connected: bool,
+    /// The connection's round-trip time estimate; `None` while disconnected.
+    pub rtt: Option<Duration>,
+    /// Frames written to the peer's stream, and their bytes on the stream
+    /// (each frame plus its length prefix; no QUIC or UDP overhead).
+    pub sent_frames: u64,
+    pub sent_bytes: u64,
+    /// Frames read from the peer's stream, counted like the sent ones.
+    pub received_frames: u64,
+    pub received_bytes: u64,
+    /// Connections established to the peer after the first.
+    pub reconnects: u64,
+    /// Frames refused because the peer's send queue was full.
+    pub send_queue_full: u64,
+}
+
+/// Appends the per-peer families (nothing when `peers` is empty).
+pub fn render_peers(out: &mut String, peers: &[PeerStats]) {
+    if peers.is_empty() {
+        return;
+    }
+    fn family<V: Display>(
+        out: &mut String,
+        peers: &[PeerStats],
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&PeerStats) -> Option<V>,
+    ) {
+        header(out, name, kind, help);
+        for stats in peers {
+            if let Some(value) = value(stats) {
+                let _ = write!(out, "{name}{{peer=\"");
+                escape_label(out, &stats.peer);
+                let _ = writeln!(out, "\"}} {value}");
+            }
+        }
+    }
+    family(out, peers, "herald_peer_connected", "gauge",
+        "Whether an authenticated connection to the peer is up (1) or not (0).",
+        |p| Some(u8::from(p.connected)));
+    family(out, peers, "herald_peer_rtt_seconds", "gauge",
+        "Round-trip time estimate of the connection to the peer (connected peers only).",
+        |p| p.rtt.map(|rtt| rtt.as_secs_f64()));
+    family(out, peers, "herald_peer_sent_frames_total", "counter",
+        "Frames written to the peer.",
+        |p| Some(p.sent_frames));
+    family(out, peers, "herald_peer_sent_bytes_total", "counter",
+        "Bytes of frames written to the peer (with their 4-byte length prefix; no QUIC or UDP overhead).",
+        |p| Some(p.sent_bytes));
+    family(out, peers, "herald_peer_received_frames_total", "counter",
+        "Frames read from the peer.",
+        |p| Some(p.received_frames));
+    family(out, peers, "herald_peer_received_bytes_total", "counter",
+        "Bytes of frames read from the peer (with their 4-byte length prefix; no QUIC or UDP overhead).",
+        |p| Some(p.received_bytes));
+    family(out, peers, "herald_peer_reconnects_total", "counter",
+        "Connections established to the peer after the first.",
+        |p| Some(p.reconnects));
+    family(out, peers, "herald_peer_send_queue_full_total", "counter",
+        "Frames to the peer refused because its send queue was full.",
+        |p| Some(p.send_queue_full));
+}
+
+/// A label value in the text format: backslash, quote and newline escaped.
+fn escape_label(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Where [`render_all`] gets per-peer statistics from.
+pub type PeerStatsSource = Box<dyn Fn() -> Vec<PeerStats> + Send + Sync>;
+
+static PEER_STATS: OnceLock<PeerStatsSource> = OnceLock::new();
+
+/// Registers the source of per-peer statistics (a clustered node's peer
+/// transport). One per process: false, and ignored, if one is set already.
+pub fn set_peer_stats_source(source: PeerStatsSource) -> bool {
+    PEER_STATS.set(source).is_ok()
+}
+
+/// What the admin `/metrics` serves: [`METRICS`], then the per-peer
+/// families of the registered source, if any.
+pub fn render_all() -> String {
+    let mut out = METRICS.render();
+    if let Some(source) = PEER_STATS.get() {
+        render_peers(&mut out, &source());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +533,48 @@ mod tests {
         assert!(text.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 3\n")));
         assert!(text.contains(&format!("{name}_count 3\n")));
         assert!(text.contains(&format!("{name}_sum 10.0033\n")));
+    }
+
+    #[test]
+    fn renders_peer_families() {
+        let mut text = String::new();
+        render_peers(&mut text, &[]);
+        assert_eq!(text, "");
+        let up = PeerStats {
+            peer: "n2".into(),
+            connected: true,
+            rtt: Some(Duration::from_micros(250)),
+            sent_frames: 3,
+            sent_bytes: 40,
+            received_frames: 2,
+            received_bytes: 30,
+            reconnects: 1,
+            send_queue_full: 4,
+        };
+        let down = PeerStats {
+            peer: "n\"3".into(),
+            connected: false,
+            rtt: None,
+            ..up.clone()
+        };
+        render_peers(&mut text, &[up, down]);
+        for line in [
+            "# TYPE herald_peer_rtt_seconds gauge\n",
+            "herald_peer_rtt_seconds{peer=\"n2\"} 0.00025\n",
+            "herald_peer_connected{peer=\"n2\"} 1\n",
+            "herald_peer_connected{peer=\"n\\\"3\"} 0\n",
+            "# TYPE herald_peer_sent_bytes_total counter\n",
+            "herald_peer_sent_frames_total{peer=\"n2\"} 3\n",
+            "herald_peer_sent_bytes_total{peer=\"n2\"} 40\n",
+            "herald_peer_received_frames_total{peer=\"n2\"} 2\n",
+            "herald_peer_received_bytes_total{peer=\"n2\"} 30\n",
+            "herald_peer_reconnects_total{peer=\"n2\"} 1\n",
+            "herald_peer_send_queue_full_total{peer=\"n2\"} 4\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+        assert!(!text.contains("herald_peer_rtt_seconds{peer=\"n\\\"3\"}"));
+        assert_eq!(text.matches("# TYPE").count(), 8);
     }
 
     #[test]

@@ -186,6 +186,13 @@ pub struct MemoryTransport {
 
 impl Transport for MemoryTransport {
     fn send(&self, to: &NodeId, frame: Bytes) -> Result<(), TransportError> {
+        // The QUIC transport's limit, so that tests over memory see it too.
+        if frame.len() > protocol::peer::MAX_PEER_FRAME_BYTES {
+            return Err(TransportError::TooLarge {
+                to: to.clone(),
+                bytes: frame.len(),
+            });
+        }
         let wire = self.network.lock();
         let sender = wire
             .senders

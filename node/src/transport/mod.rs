@@ -52,13 +52,22 @@ pub enum TransportError {
     NotConnected(NodeId),
     #[error("the send queue to node {0} is full")]
     QueueFull(NodeId),
+    /// The frame is above [`protocol::peer::MAX_PEER_FRAME_BYTES`]: the
+    /// peer would refuse it. Nothing was queued; the connection is intact.
+    #[error(
+        "a frame of {bytes} bytes to node {to} is above the peer frame limit ({} bytes)",
+        protocol::peer::MAX_PEER_FRAME_BYTES
+    )]
+    TooLarge { to: NodeId, bytes: usize },
 }
 
 /// Sends frames to peers. Implementations never block the caller: a frame
 /// is queued for the peer's writer, which batches whatever is queued into
 /// one write.
 pub trait Transport: Send + Sync + 'static {
-    /// Queues one encoded frame for `to`.
+    /// Queues one encoded frame for `to`. A frame above
+    /// [`protocol::peer::MAX_PEER_FRAME_BYTES`] is refused with
+    /// [`TransportError::TooLarge`].
     fn send(&self, to: &NodeId, frame: Bytes) -> Result<(), TransportError>;
 
     /// The members to stay connected to (every live member but this one).

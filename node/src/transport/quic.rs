@@ -35,6 +35,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::{Inbound, PeerAddr, Transport, TransportError};
+use crate::metrics::{self, PeerStats};
 use crate::owner::NodeId;
 use crate::tls::{self, QuicConfigs, TlsError};
 
@@ -54,6 +55,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const MAX_HANDSHAKES: usize = 256;
 /// How long a removed member stays refused (same or older generation).
 const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+/// How long a peer's statistics outlive it once it is neither listed nor
+/// connected: a peer that comes back soon keeps its counters, and the map
+/// stays bounded by the members of the last few minutes.
+const STATS_TTL: Duration = Duration::from_secs(600);
+/// The length prefix of every frame on a stream, counted in the byte stats.
+const LENGTH_PREFIX_BYTES: usize = 4;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +144,6 @@ enum LinkError {
     Timeout(Duration),
     #[error("refused: {}", .0.reason)]
     Refused(Refusal),
-    #[error("a frame of {0} bytes is above the peer frame limit")]
-    FrameTooLarge(usize),
 }
 
 /// The QUIC [`Transport`]. Dropping it (or [`QuicTransport::shutdown`])
@@ -169,6 +174,69 @@ struct State {
     removed: HashMap<NodeId, (u64, Instant)>,
     /// Authenticated connections, one per peer.
     links: HashMap<NodeId, LinkHandle>,
+    /// Per-peer statistics, kept across connections: every listed or
+    /// connected peer, and for [`STATS_TTL`] those that were.
+    stats: HashMap<NodeId, PeerEntry>,
+}
+
+#[derive(Default)]
+struct PeerEntry {
+    counters: Arc<PeerCounters>,
+    /// Since when the peer is neither listed nor connected.
+    gone_since: Option<Instant>,
+}
+
+/// One peer's counters, shared by its link's tasks and `send`.
+#[derive(Default)]
+struct PeerCounters {
+    sent_frames: AtomicU64,
+    sent_bytes: AtomicU64,
+    received_frames: AtomicU64,
+    received_bytes: AtomicU64,
+    queue_full: AtomicU64,
+    /// Connections announced with `PeerUp`.
+    connections: AtomicU64,
+}
+
+impl PeerCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+impl State {
+    /// The counters of `peer`, which is listed or connected (again).
+    fn counters(&mut self, peer: &NodeId) -> Arc<PeerCounters> {
+        let entry = self.stats.entry(peer.clone()).or_default();
+        entry.gone_since = None;
+        entry.counters.clone()
+    }
+
+    /// Starts the countdown to dropping `peer`'s statistics if it is now
+    /// neither listed nor connected.
+    fn stats_maybe_gone(&mut self, peer: &NodeId, now: Instant) {
+        if self.members.contains_key(peer) || self.links.contains_key(peer) {
+            return;
+        }
+        if let Some(entry) = self.stats.get_mut(peer) {
+            entry.gone_since.get_or_insert(now);
+        }
+    }
+
+    /// Drops the statistics of peers gone for [`STATS_TTL`].
+    fn prune_stats(&mut self, now: Instant) {
+        self.stats.retain(|_, entry| stats_live(entry, now));
+    }
+}
+
+fn stats_live(entry: &PeerEntry, now: Instant) -> bool {
+    entry
+        .gone_since
+        .is_none_or(|since| now.duration_since(since) < STATS_TTL)
 }
 
 struct Member {
@@ -186,12 +254,14 @@ struct LinkHandle {
     connection: Connection,
     /// Cancelled once the link's task has sent its `PeerDown`.
     ended: CancellationToken,
+    counters: Arc<PeerCounters>,
 }
 
 /// A connection admitted into `links`, not yet announced.
 struct Registered {
     id: u64,
     queue: mpsc::Receiver<Bytes>,
+    counters: Arc<PeerCounters>,
     predecessor: Option<CancellationToken>,
     _ended: DropGuard,
 }
@@ -314,6 +384,26 @@ impl QuicTransport {
     pub fn live_tasks(&self) -> usize {
         self.inner.tasks.live()
     }
+
+    /// Statistics of every listed or connected peer, and of those gone for
+    /// less than ten minutes, sorted by node id. Counters survive
+    /// reconnects.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.inner.peer_stats()
+    }
+
+    /// Makes the admin `/metrics` show [`QuicTransport::peer_stats`] (see
+    /// [`metrics::render_all`]). Holds no reference that keeps the transport
+    /// alive. One transport per process: false if another registered first.
+    pub fn register_metrics(&self) -> bool {
+        let inner = Arc::downgrade(&self.inner);
+        metrics::set_peer_stats_source(Box::new(move || {
+            inner
+                .upgrade()
+                .map(|inner| inner.peer_stats())
+                .unwrap_or_default()
+        }))
+    }
 }
 
 impl Drop for QuicTransport {
@@ -329,13 +419,23 @@ impl Drop for QuicTransport {
 
 impl Transport for QuicTransport {
     fn send(&self, to: &NodeId, frame: Bytes) -> Result<(), TransportError> {
+        // The peer's reader would refuse it and end the connection.
+        if frame.len() > MAX_PEER_FRAME_BYTES {
+            return Err(TransportError::TooLarge {
+                to: to.clone(),
+                bytes: frame.len(),
+            });
+        }
         let state = self.inner.read();
         let link = state
             .links
             .get(to)
             .ok_or_else(|| TransportError::NotConnected(to.clone()))?;
         link.queue.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(to.clone()),
+            mpsc::error::TrySendError::Full(_) => {
+                PeerCounters::add(&link.counters.queue_full, 1);
+                TransportError::QueueFull(to.clone())
+            }
             mpsc::error::TrySendError::Closed(_) => TransportError::NotConnected(to.clone()),
         })
     }
@@ -364,6 +464,7 @@ impl Transport for QuicTransport {
         state
             .removed
             .retain(|_, (_, since)| now.duration_since(*since) < TOMBSTONE_TTL);
+        state.prune_stats(now);
 
         let gone: Vec<NodeId> = state
             .members
@@ -383,9 +484,11 @@ impl Transport for QuicTransport {
                 link.connection
                     .close(Close::Removed.code(), b"no longer a member");
             }
+            state.stats_maybe_gone(&node, now);
         }
 
         for (node, peer) in wanted {
+            state.counters(&node);
             if let Some(member) = state.members.get(&node) {
                 if member.generation == peer.generation && member.addr == peer.addr {
                     continue;
@@ -500,6 +603,8 @@ impl Inner {
         let (queue, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
         let ended = CancellationToken::new();
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        state.prune_stats(Instant::now());
+        let counters = state.counters(peer);
         state.links.insert(
             peer.clone(),
             LinkHandle {
@@ -509,11 +614,13 @@ impl Inner {
                 queue,
                 connection: connection.clone(),
                 ended: ended.clone(),
+                counters: counters.clone(),
             },
         );
         Ok(Registered {
             id,
             queue: rx,
+            counters,
             predecessor,
             _ended: ended.drop_guard(),
         })
@@ -534,7 +641,39 @@ impl Inner {
         let mut state = self.write();
         if state.links.get(peer).is_some_and(|link| link.id == id) {
             state.links.remove(peer);
+            state.stats_maybe_gone(peer, Instant::now());
         }
+    }
+
+    fn peer_stats(&self) -> Vec<PeerStats> {
+        let state = self.read();
+        let now = Instant::now();
+        let mut stats: Vec<PeerStats> = state
+            .stats
+            .iter()
+            .filter(|(_, entry)| stats_live(entry, now))
+            .map(|(node, entry)| {
+                let connection = state
+                    .links
+                    .get(node)
+                    .map(|link| &link.connection)
+                    .filter(|connection| connection.close_reason().is_none());
+                let c = &*entry.counters;
+                PeerStats {
+                    peer: node.clone(),
+                    connected: connection.is_some(),
+                    rtt: connection.map(Connection::rtt),
+                    sent_frames: PeerCounters::get(&c.sent_frames),
+                    sent_bytes: PeerCounters::get(&c.sent_bytes),
+                    received_frames: PeerCounters::get(&c.received_frames),
+                    received_bytes: PeerCounters::get(&c.received_bytes),
+                    reconnects: PeerCounters::get(&c.connections).saturating_sub(1),
+                    send_queue_full: PeerCounters::get(&c.queue_full),
+                }
+            })
+            .collect();
+        stats.sort_by(|a, b| a.peer.cmp(&b.peer));
+        stats
     }
 }
 
@@ -885,6 +1024,7 @@ async fn run_link(
     let Registered {
         id,
         queue,
+        counters,
         predecessor,
         _ended,
     } = registered;
@@ -905,11 +1045,12 @@ async fn run_link(
         inner.unregister(&peer, id);
         return;
     }
+    PeerCounters::add(&counters.connections, 1);
     info!(peer = %peer, %addr, generation, "peer up");
 
     let result = tokio::select! {
-        result = read_frames(&connection, &peer, &inner.inbound) => result,
-        result = write_frames(&connection, queue) => result,
+        result = read_frames(&connection, &peer, &inner.inbound, &counters) => result,
+        result = write_frames(&connection, queue, &counters) => result,
         error = connection.closed() => Err(error.into()),
     };
     let result = result.map_err(|e| explain(&connection, e));
@@ -934,11 +1075,17 @@ async fn read_frames(
     connection: &Connection,
     peer: &NodeId,
     inbound: &mpsc::Sender<Inbound>,
+    counters: &PeerCounters,
 ) -> Result<(), LinkError> {
     let recv = connection.accept_uni().await?;
     let mut frames = FramedRead::new(recv, codec(MAX_PEER_FRAME_BYTES));
     while let Some(frame) = frames.next().await {
         let frame = frame?.freeze();
+        PeerCounters::add(&counters.received_frames, 1);
+        PeerCounters::add(
+            &counters.received_bytes,
+            (frame.len() + LENGTH_PREFIX_BYTES) as u64,
+        );
         let event = Inbound::Frame {
             from: peer.clone(),
             frame,
@@ -951,10 +1098,12 @@ async fn read_frames(
     Ok(())
 }
 
-/// Writes whatever is queued, one flush per batch.
+/// Writes whatever is queued, one flush per batch. `send` refused frames
+/// above the limit; the codec would fail on one.
 async fn write_frames(
     connection: &Connection,
     mut queue: mpsc::Receiver<Bytes>,
+    counters: &PeerCounters,
 ) -> Result<(), LinkError> {
     let send = connection.open_uni().await?;
     let mut out = FramedWrite::new(send, codec(MAX_PEER_FRAME_BYTES));
@@ -963,13 +1112,15 @@ async fn write_frames(
     out.set_backpressure_boundary(64 * 1024);
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let frames = batch.len() as u64;
+        let mut bytes = 0;
         for frame in batch.drain(..) {
-            if frame.len() > MAX_PEER_FRAME_BYTES {
-                return Err(LinkError::FrameTooLarge(frame.len()));
-            }
+            bytes += (frame.len() + LENGTH_PREFIX_BYTES) as u64;
             out.feed(frame).await?;
         }
         SinkExt::<Bytes>::flush(&mut out).await?;
+        PeerCounters::add(&counters.sent_frames, frames);
+        PeerCounters::add(&counters.sent_bytes, bytes);
     }
     // The link was dropped from `links`: say we are done cleanly.
     out.into_inner().finish()?;
@@ -991,6 +1142,7 @@ async fn write_hello(send: quinn::SendStream, hello: &Hello) -> Result<(), LinkE
 
 fn codec(max_frame_length: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
+        .length_field_length(LENGTH_PREFIX_BYTES)
         .max_frame_length(max_frame_length)
         .new_codec()
 }
@@ -1233,6 +1385,162 @@ mod tests {
         b.expect_up(a).await;
     }
 
+    fn stats_of(node: &Node, peer: &NodeId) -> PeerStats {
+        node.transport
+            .peer_stats()
+            .into_iter()
+            .find(|stats| &stats.peer == peer)
+            .unwrap_or_else(|| panic!("{}: no stats for {peer}", node.id))
+    }
+
+    /// Waits until `check` holds (a writer counts a batch just after
+    /// handing it to QUIC, so a receiver may see the frames first).
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !check() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_stats_count_traffic_and_survive_a_reconnect() {
+        let pki = Pki::new("quic-stats");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        assert!(a.transport.peer_stats().is_empty());
+        connect(&mut a, &mut b).await;
+        let (a_id, b_id) = (a.id.clone(), b.id.clone());
+
+        const N: u64 = 100;
+        for i in 0..N {
+            a.transport.send(&b_id, frame(i)).expect("send a->b");
+            b.transport.send(&a_id, frame(i)).expect("send b->a");
+        }
+        b.expect_frames(&a_id, N).await;
+        a.expect_frames(&b_id, N).await;
+        let bytes = |n: u64| -> u64 {
+            (0..n)
+                .map(|i| (frame(i).len() + LENGTH_PREFIX_BYTES) as u64)
+                .sum()
+        };
+        for (node, peer) in [(&a, &b_id), (&b, &a_id)] {
+            eventually("all frames counted", || {
+                let stats = stats_of(node, peer);
+                stats.sent_frames == N && stats.received_frames == N
+            })
+            .await;
+            let stats = stats_of(node, peer);
+            assert!(stats.connected, "{}", node.id);
+            assert!(
+                stats.rtt.is_some_and(|rtt| rtt > Duration::ZERO),
+                "{}: {:?}",
+                node.id,
+                stats.rtt
+            );
+            assert_eq!(stats.sent_bytes, bytes(N), "{}", node.id);
+            assert_eq!(stats.received_bytes, bytes(N), "{}", node.id);
+            assert_eq!(stats.reconnects, 0, "{}", node.id);
+            assert_eq!(stats.send_queue_full, 0, "{}", node.id);
+        }
+
+        // Cut the connection under both: n1 re-dials.
+        let connection = a
+            .transport
+            .inner
+            .read()
+            .links
+            .get(&b_id)
+            .expect("link")
+            .connection
+            .clone();
+        connection.close(VarInt::from_u32(0), b"test: forced reconnect");
+        a.expect_down(&b_id).await;
+        b.expect_down(&a_id).await;
+        a.expect_up(&b).await;
+        b.expect_up(&a).await;
+        a.transport.send(&b_id, frame(N)).expect("send a->b");
+        b.transport.send(&a_id, frame(N)).expect("send b->a");
+        for (node, peer) in [(&mut b, &a_id), (&mut a, &b_id)] {
+            match node.next().await {
+                Inbound::Frame { from, .. } => assert_eq!(&from, peer),
+                other => panic!("{}: expected a frame, got {other:?}", node.id),
+            }
+        }
+        for (node, peer) in [(&a, &b_id), (&b, &a_id)] {
+            eventually("the frame after the reconnect counted", || {
+                stats_of(node, peer).sent_frames == N + 1
+            })
+            .await;
+            let stats = stats_of(node, peer);
+            assert!(stats.connected, "{}", node.id);
+            assert_eq!(stats.reconnects, 1, "{}", node.id);
+            assert_eq!(stats.received_frames, N + 1, "{}", node.id);
+            assert_eq!(stats.sent_bytes, bytes(N + 1), "{}", node.id);
+            assert_eq!(stats.received_bytes, bytes(N + 1), "{}", node.id);
+        }
+
+        // What /metrics shows (the only test that registers a source).
+        assert!(a.transport.register_metrics());
+        let text = metrics::render_all();
+        for line in [
+            "herald_peer_connected{peer=\"n2\"} 1\n",
+            "herald_peer_reconnects_total{peer=\"n2\"} 1\n",
+            "herald_peer_sent_frames_total{peer=\"n2\"} 101\n",
+            "herald_peer_rtt_seconds{peer=\"n2\"} ",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+
+        // No longer listed: kept (disconnected) for a while, then dropped.
+        a.transport.set_peers(Vec::new());
+        a.expect_down(&b_id).await;
+        b.expect_down(&a_id).await;
+        let stats = stats_of(&a, &b_id);
+        assert!(!stats.connected);
+        assert_eq!(stats.rtt, None);
+        assert_eq!(stats.sent_frames, N + 1);
+        a.transport
+            .inner
+            .write()
+            .prune_stats(Instant::now() + STATS_TTL);
+        assert!(a.transport.peer_stats().is_empty());
+        // b still lists n1: its entry stays, disconnected.
+        assert!(!stats_of(&b, &a_id).connected);
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_above_the_limit_is_refused_and_the_connection_stays() {
+        let pki = Pki::new("quic-too-large");
+        let mut a = start(&pki.configs("n1"), hello("herald", "n1", 1));
+        let mut b = start(&pki.configs("n2"), hello("herald", "n2", 1));
+        connect(&mut a, &mut b).await;
+        let (a_id, b_id) = (a.id.clone(), b.id.clone());
+
+        // Zeroed pages: cheap until touched, and refused before they are.
+        let huge = Bytes::from(vec![0u8; MAX_PEER_FRAME_BYTES + 1]);
+        match a.transport.send(&b_id, huge) {
+            Err(TransportError::TooLarge { to, bytes }) => {
+                assert_eq!(to, b_id);
+                assert_eq!(bytes, MAX_PEER_FRAME_BYTES + 1);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        a.transport.send(&b_id, frame(0)).expect("send a->b");
+        b.expect_frames(&a_id, 1).await;
+        b.transport.send(&a_id, frame(0)).expect("send b->a");
+        a.expect_frames(&b_id, 1).await;
+        a.expect_quiet(QUIET).await;
+        b.expect_quiet(Duration::from_millis(100)).await;
+        assert_eq!(a.transport.connected(), vec![(b_id.clone(), 1)]);
+        eventually("one frame counted", || stats_of(&a, &b_id).sent_frames == 1).await;
+        assert_eq!(stats_of(&a, &b_id).reconnects, 0);
+        a.stop().await;
+        b.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_flow_both_ways_in_order() {
         let pki = Pki::new("quic-frames");
@@ -1290,6 +1598,7 @@ mod tests {
             }
         }
         assert!(full, "the queue never filled");
+        assert_eq!(stats_of(&a, &b.id).send_queue_full, 1);
         a.stop().await;
         b.stop().await;
     }

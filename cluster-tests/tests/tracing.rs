@@ -1,0 +1,365 @@
+//! Distributed tracing end to end: a 3-node cluster exporting spans over
+//! OTLP/HTTP to a receiver in the test. One traced publish must make ONE
+//! trace: `herald.publish` on the node that took it (child of the client's
+//! span), `herald.sequence` on the topic's owner (child of the publish),
+//! and a `herald.deliver` on every node with a subscriber (children of the
+//! sequence); each delivered `msg` names its node's deliver span as parent.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cluster_tests::otlp::{describe, OtlpReceiver, ReceivedSpan};
+use cluster_tests::{Cluster, Node, WsClient, QUIET};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use serde_json::{json, Value};
+
+/// Spans are batched every 100 ms; allow for slow machines.
+const SPANS_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn traced_cluster(receiver: &OtlpReceiver) -> Result<Cluster> {
+    let endpoint = receiver.endpoint();
+    Cluster::start(3, |b| {
+        b.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    })
+    .await
+}
+
+/// Random-enough hex ids for a test (distinct per call and per process).
+fn fresh_ids() -> (String, String) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let trace = format!(
+        "{:016x}{:016x}",
+        nanos ^ u64::from(std::process::id()),
+        n | 0x1000
+    );
+    let span = format!("{:016x}", nanos.rotate_left(17) ^ n | 1);
+    (trace, span)
+}
+
+/// The node owning `topic`, from `herald_topics` ("topics this node
+/// owns"): in a fresh cluster, after subscribes, only the owner has any.
+async fn owner_of(cluster: &Cluster) -> Result<Option<usize>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut owning = Vec::new();
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            if node.metrics().await?.sum("herald_topics") > 0.0 {
+                owning.push(i);
+            }
+        }
+        match owning.as_slice() {
+            [one] => return Ok(Some(*one)),
+            [] if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => return Ok(None),
+        }
+    }
+}
+
+async fn subscribe_everywhere(cluster: &Cluster, topic: &str) -> Result<Vec<WsClient>> {
+    let mut subscribers = Vec::new();
+    for node in &cluster.nodes {
+        let mut ws = node.ws().await?;
+        ws.sub(topic).await?;
+        subscribers.push(ws);
+    }
+    Ok(subscribers)
+}
+
+fn one<'a>(spans: &'a [ReceivedSpan], name: &str) -> Result<&'a ReceivedSpan> {
+    let found: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == name).collect();
+    match found.as_slice() {
+        [span] => Ok(span),
+        _ => bail!(
+            "expected one {name} span, found {}:\n{}",
+            found.len(),
+            describe(spans)
+        ),
+    }
+}
+
+fn count(spans: &[ReceivedSpan], name: &str) -> usize {
+    spans.iter().filter(|s| s.name == name).count()
+}
+
+#[tokio::test]
+async fn one_publish_makes_one_trace_across_the_cluster() -> Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let cluster = traced_cluster(&receiver).await?;
+    let topic = "traced.orders";
+    let mut subscribers = subscribe_everywhere(&cluster, topic).await?;
+
+    // Publish on a node that does not own the topic, so that every hop
+    // crosses a node boundary.
+    let owner = owner_of(&cluster).await?;
+    let ingress = match owner {
+        Some(o) => (o + 1) % cluster.nodes.len(),
+        None => {
+            eprintln!("could not tell the topic's owner from herald_topics; publishing on n1");
+            0
+        }
+    };
+    let ingress_node: &Node = &cluster.nodes[ingress];
+
+    let (trace_id, client_span) = fresh_ids();
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    let tracestate = "herald-test=t61rcWkgMzE,other=1";
+    let data = json!({"order": 1});
+    let mut publisher = ingress_node.ws().await?;
+    publisher
+        .send_json(json!({"op": "pub", "id": 1, "topic": topic, "data": data,
+                          "trace": traceparent, "tracestate": tracestate}))
+        .await?;
+    let ok = publisher.expect_ok(1).await?;
+    let seq = ok["seq"].as_u64().context("ok.seq")?;
+
+    let mut msgs: Vec<Value> = Vec::new();
+    for ws in &mut subscribers {
+        msgs.push(ws.expect_msg(topic, &data).await?);
+    }
+
+    let spans = receiver
+        .wait_for(
+            "publish, sequence and 3 deliver spans",
+            SPANS_TIMEOUT,
+            |all| {
+                let trace: Vec<ReceivedSpan> = all
+                    .iter()
+                    .filter(|s| s.trace_id == trace_id)
+                    .cloned()
+                    .collect();
+                count(&trace, "herald.publish") >= 1
+                    && count(&trace, "herald.sequence") >= 1
+                    && count(&trace, "herald.deliver") >= 3
+            },
+        )
+        .await?;
+    // Nothing more of this trace should straggle in.
+    tokio::time::sleep(QUIET).await;
+    let trace = receiver.trace(&trace_id);
+    let others: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id != trace_id && s.name.starts_with("herald."))
+        .collect();
+    ensure!(
+        others.is_empty(),
+        "herald spans outside the publisher's trace:\n{}",
+        describe(&others.into_iter().cloned().collect::<Vec<_>>())
+    );
+    ensure!(
+        trace.len() == 5,
+        "expected 5 spans in the trace, got {}:\n{}",
+        trace.len(),
+        describe(&trace)
+    );
+
+    let publish = one(&trace, "herald.publish")?;
+    ensure!(
+        publish.parent_span_id == client_span,
+        "publish's parent is {}, not the client's span {client_span}",
+        publish.parent_span_id
+    );
+    ensure!(
+        publish.instance_id() == Some(ingress_node.id()),
+        "publish span from {:?}, published on {}",
+        publish.instance_id(),
+        ingress_node.id()
+    );
+    ensure!(
+        publish.kind == SpanKind::Producer,
+        "publish kind {:?}",
+        publish.kind
+    );
+
+    let sequence = one(&trace, "herald.sequence")?;
+    ensure!(
+        sequence.parent_span_id == publish.span_id,
+        "sequence's parent is {}, not the publish span {}",
+        sequence.parent_span_id,
+        publish.span_id
+    );
+    if let Some(owner) = owner {
+        ensure!(
+            sequence.instance_id() == Some(cluster.nodes[owner].id()),
+            "sequence span from {:?}, but {} owns the topic",
+            sequence.instance_id(),
+            cluster.nodes[owner].id()
+        );
+    }
+    ensure!(
+        sequence.attribute("seq") == Some(seq.to_string().as_str()),
+        "sequence span's seq {:?}, ok.seq {seq}",
+        sequence.attribute("seq")
+    );
+
+    let delivers: Vec<&ReceivedSpan> = trace
+        .iter()
+        .filter(|s| s.name == "herald.deliver")
+        .collect();
+    let deliver_nodes: BTreeSet<&str> = delivers.iter().filter_map(|s| s.instance_id()).collect();
+    let all_nodes: BTreeSet<&str> = cluster.nodes.iter().map(Node::id).collect();
+    ensure!(
+        deliver_nodes == all_nodes,
+        "deliver spans from {deliver_nodes:?}, subscribers on {all_nodes:?}"
+    );
+    for deliver in &delivers {
+        ensure!(
+            deliver.parent_span_id == sequence.span_id,
+            "deliver on {:?} has parent {}, not the sequence span {}",
+            deliver.instance_id(),
+            deliver.parent_span_id,
+            sequence.span_id
+        );
+        ensure!(
+            deliver.kind == SpanKind::Consumer,
+            "deliver kind {:?}",
+            deliver.kind
+        );
+    }
+
+    for span in &trace {
+        ensure!(
+            span.service_name() == Some("herald"),
+            "service.name {:?}",
+            span.service_name()
+        );
+        ensure!(
+            span.attribute("topic") == Some(topic),
+            "{} topic attribute {:?}",
+            span.name,
+            span.attribute("topic")
+        );
+        ensure!(
+            span.attribute("node_id") == span.instance_id(),
+            "{} node_id attribute {:?} on {:?}",
+            span.name,
+            span.attribute("node_id"),
+            span.instance_id()
+        );
+        ensure!(
+            span.trace_state == tracestate,
+            "{} trace state {:?}, sent {tracestate:?}",
+            span.name,
+            span.trace_state
+        );
+    }
+
+    // Each msg names its own node's deliver span.
+    for (node, msg) in cluster.nodes.iter().zip(&msgs) {
+        let deliver = delivers
+            .iter()
+            .find(|s| s.instance_id() == Some(node.id()))
+            .ok_or_else(|| anyhow!("no deliver span on {}", node.id()))?;
+        let want = format!("00-{trace_id}-{}-01", deliver.span_id);
+        ensure!(
+            msg["trace"] == want.as_str(),
+            "msg on {} carries trace {}, want {want}",
+            node.id(),
+            msg["trace"]
+        );
+        ensure!(
+            msg["tracestate"] == tracestate,
+            "msg on {} carries tracestate {}, sent {tracestate:?}",
+            node.id(),
+            msg["tracestate"]
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn untraced_and_unsampled_publishes() -> Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let cluster = traced_cluster(&receiver).await?;
+    let topic = "traced.misc";
+    let mut subscribers = subscribe_everywhere(&cluster, topic).await?;
+    let mut publisher = cluster.nodes[1].ws().await?;
+
+    // Without a trace: a new trace starts at the publish span (a root).
+    let data = json!("untraced");
+    publisher
+        .send_json(json!({"op": "pub", "id": 1, "topic": topic, "data": data}))
+        .await?;
+    publisher.expect_ok(1).await?;
+    let mut trace_ids = BTreeSet::new();
+    let mut parents = Vec::new();
+    for ws in &mut subscribers {
+        let msg = ws.expect_msg(topic, &data).await?;
+        let trace = msg["trace"]
+            .as_str()
+            .ok_or_else(|| anyhow!("msg without trace while tracing is on: {msg}"))?;
+        let parts: Vec<&str> = trace.split('-').collect();
+        ensure!(parts.len() == 4 && parts[3] == "01", "msg trace {trace}");
+        trace_ids.insert(parts[1].to_owned());
+        parents.push(parts[2].to_owned());
+    }
+    ensure!(
+        trace_ids.len() == 1,
+        "one message, several traces: {trace_ids:?}"
+    );
+    let trace_id = trace_ids.into_iter().next().expect("one");
+    let spans = receiver
+        .wait_for("a new trace of 5 spans", SPANS_TIMEOUT, |all| {
+            all.iter().filter(|s| s.trace_id == trace_id).count() >= 5
+        })
+        .await?;
+    let trace: Vec<ReceivedSpan> = spans
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect();
+    let publish = one(&trace, "herald.publish")?;
+    ensure!(
+        publish.parent_span_id.is_empty(),
+        "an untraced publish should be a root, parent {}",
+        publish.parent_span_id
+    );
+    for parent in &parents {
+        ensure!(
+            trace
+                .iter()
+                .any(|s| s.name == "herald.deliver" && &s.span_id == parent),
+            "msg parent {parent} is no deliver span of the trace:\n{}",
+            describe(&trace)
+        );
+    }
+
+    // Not sampled by the client: no span anywhere, and the msgs carry the
+    // client's context on, still not sampled.
+    let (trace_id, client_span) = fresh_ids();
+    let traceparent = format!("00-{trace_id}-{client_span}-00");
+    let data = json!("unsampled");
+    publisher
+        .send_json(
+            json!({"op": "pub", "id": 2, "topic": topic, "data": data, "trace": traceparent}),
+        )
+        .await?;
+    publisher.expect_ok(2).await?;
+    for ws in &mut subscribers {
+        let msg = ws.expect_msg(topic, &data).await?;
+        ensure!(
+            msg["trace"] == traceparent.as_str(),
+            "unsampled msg carries {}, want {traceparent}",
+            msg["trace"]
+        );
+    }
+    // Give a batch or two the chance to (wrongly) carry it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stray = receiver.trace(&trace_id);
+    ensure!(
+        stray.is_empty(),
+        "spans exported for an unsampled trace:\n{}",
+        describe(&stray)
+    );
+    Ok(())
+}
