@@ -363,3 +363,53 @@ async fn untraced_and_unsampled_publishes() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn spans_still_queued_are_flushed_at_shutdown() -> Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    // A batch delay far beyond the test: only the shutdown flush sends.
+    let mut node = cluster_tests::NodeBuilder::new("solo")
+        .args(["--node-drain-grace", "200ms"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .env("OTEL_SERVICE_NAME", "herald-solo")
+        .start()
+        .await?;
+    let (trace_id, client_span) = fresh_ids();
+    let mut ws = node.ws().await?;
+    ws.send_json(json!({"op": "pub", "id": 1, "topic": "flush.me", "data": 1,
+                        "trace": format!("00-{trace_id}-{client_span}-01")}))
+        .await?;
+    ws.expect_ok(1).await?;
+    tokio::time::sleep(QUIET).await;
+    ensure!(
+        receiver.trace(&trace_id).is_empty(),
+        "spans were exported before the batch delay or shutdown"
+    );
+    node.sigterm()?;
+    let status = node.wait_exit(Duration::from_secs(15)).await?;
+    ensure!(status.success(), "herald exited with {status}");
+    let spans = receiver
+        .wait_for(
+            "the publish and sequence spans",
+            Duration::from_secs(5),
+            |all| {
+                let names: BTreeSet<&str> = all
+                    .iter()
+                    .filter(|s| s.trace_id == trace_id)
+                    .map(|s| s.name.as_str())
+                    .collect();
+                names.contains("herald.publish") && names.contains("herald.sequence")
+            },
+        )
+        .await?;
+    let publish = one(&spans, "herald.publish")?;
+    ensure!(publish.parent_span_id == client_span, "publish parent");
+    ensure!(
+        publish.service_name() == Some("herald-solo") && publish.instance_id() == Some("solo"),
+        "resource {:?}",
+        publish.resource
+    );
+    Ok(())
+}

@@ -59,12 +59,19 @@ $SUDO debootstrap --variant=minbase "$SUITE" "$rootfs" "$DEBIAN_MIRROR" >"$work/
   exit 1
 }
 
-# Security and point-release updates, as in Debian's own images.
+# Security and point-release updates, as in Debian's own images, applied
+# now so that every image starts patched.
 $SUDO tee "$rootfs/etc/apt/sources.list" >/dev/null <<SOURCES
 deb $DEBIAN_MIRROR $SUITE main
 deb $DEBIAN_MIRROR $SUITE-updates main
 deb http://deb.debian.org/debian-security $SUITE-security main
 SOURCES
+$SUDO chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+  sh -c 'apt-get update -qq && apt-get upgrade -y -qq && apt-get clean' >>"$work/debootstrap.log" 2>&1 || {
+  tail -n 30 "$work/debootstrap.log" >&2
+  echo "build-base.sh: apt-get upgrade in the new root failed" >&2
+  exit 1
+}
 # Keep images small: no downloaded .debs, no documentation or man pages.
 $SUDO tee "$rootfs/etc/apt/apt.conf.d/90herald-docker" >/dev/null <<'APT'
 APT::Install-Recommends "false";
@@ -82,6 +89,7 @@ DPKG
 $SUDO rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb \
   "$rootfs"/var/log/*.log "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* \
   "$rootfs"/usr/share/info/* "$rootfs"/tmp/* "$rootfs"/var/tmp/*
+$SUDO find "$rootfs/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
 # The container's own /etc/hostname, /etc/hosts and /etc/resolv.conf are
 # mounted by Docker; leave none of the build machine's behind.
 $SUDO rm -f "$rootfs/etc/hostname" "$rootfs/etc/resolv.conf"

@@ -54,6 +54,10 @@ pub enum Command {
     /// Make certificates for the cluster's mutual TLS (development, compose).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Check this host against the production checklist for this
+    /// configuration: one line per item (pass, warn, fail, with the fix);
+    /// exits non-zero on any fail.
+    Doctor,
     /// Exit 0 when a node's admin endpoint answers 200 (for container
     /// HEALTHCHECKs, where there is no curl).
     Healthcheck {

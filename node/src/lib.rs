@@ -18,6 +18,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod doctor;
 pub mod healthcheck;
 pub mod history;
 pub mod lifecycle;

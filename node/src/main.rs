@@ -9,7 +9,7 @@ use node::config::{Cli, Command, Config};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        None | Some(Command::Run) => {}
+        None | Some(Command::Run) | Some(Command::Doctor) => {}
         Some(Command::Healthcheck { url, timeout }) => {
             return match node::healthcheck::run(&url, timeout) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -36,6 +36,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Some(Command::Doctor)) {
+        return if node::doctor::run(&config) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     // Span export (when configured) is flushed after the runtime is gone.
     let telemetry = node::telemetry::init(config.log.format, &config.node.id);
     let result = run(config);

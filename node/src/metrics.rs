@@ -456,30 +456,70 @@ pub fn render_peers(out: &mut String, peers: &[PeerStats]) {
             }
         }
     }
-    family(out, peers, "herald_peer_connected", "gauge",
+    family(
+        out,
+        peers,
+        "herald_peer_connected",
+        "gauge",
         "Whether an authenticated connection to the peer is up (1) or not (0).",
-        |p| Some(u8::from(p.connected)));
-    family(out, peers, "herald_peer_rtt_seconds", "gauge",
+        |p| Some(u8::from(p.connected)),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_rtt_seconds",
+        "gauge",
         "Round-trip time estimate of the connection to the peer (connected peers only).",
-        |p| p.rtt.map(|rtt| rtt.as_secs_f64()));
-    family(out, peers, "herald_peer_sent_frames_total", "counter",
+        |p| p.rtt.map(|rtt| rtt.as_secs_f64()),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_sent_frames_total",
+        "counter",
         "Frames written to the peer.",
-        |p| Some(p.sent_frames));
-    family(out, peers, "herald_peer_sent_bytes_total", "counter",
-        "Bytes of frames written to the peer (with their 4-byte length prefix; no QUIC or UDP overhead).",
-        |p| Some(p.sent_bytes));
-    family(out, peers, "herald_peer_received_frames_total", "counter",
+        |p| Some(p.sent_frames),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_sent_bytes_total",
+        "counter",
+        "Frame bytes written to the peer, length prefixes included (no QUIC or UDP overhead).",
+        |p| Some(p.sent_bytes),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_received_frames_total",
+        "counter",
         "Frames read from the peer.",
-        |p| Some(p.received_frames));
-    family(out, peers, "herald_peer_received_bytes_total", "counter",
-        "Bytes of frames read from the peer (with their 4-byte length prefix; no QUIC or UDP overhead).",
-        |p| Some(p.received_bytes));
-    family(out, peers, "herald_peer_reconnects_total", "counter",
+        |p| Some(p.received_frames),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_received_bytes_total",
+        "counter",
+        "Frame bytes read from the peer, length prefixes included (no QUIC or UDP overhead).",
+        |p| Some(p.received_bytes),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_reconnects_total",
+        "counter",
         "Connections established to the peer after the first.",
-        |p| Some(p.reconnects));
-    family(out, peers, "herald_peer_send_queue_full_total", "counter",
+        |p| Some(p.reconnects),
+    );
+    family(
+        out,
+        peers,
+        "herald_peer_send_queue_full_total",
+        "counter",
         "Frames to the peer refused because its send queue was full.",
-        |p| Some(p.send_queue_full));
+        |p| Some(p.send_queue_full),
+    );
 }
 
 /// A label value in the text format: backslash, quote and newline escaped.

@@ -54,10 +54,10 @@
 //! Text lines show the fields of every span they are logged in
 //! (`session{node_id=n1 session_id=7}:herald.deliver{topic=a ...}: ...`).
 //! JSON lines (`log.format = "json"`) are one flat object: `timestamp`,
-//! `level`, `message`, `target`, the fields of every span in scope (outer
-//! first, inner ones win, so a line in a message span has `trace_id` and a
-//! line in a session span `node_id` and `session_id`), the event's own
-//! fields, and `span`, the name of the innermost span.
+//! `level`, `message`, `target`, `span` (the innermost span's name), then
+//! the fields of every span in scope and the event's own (inner ones win:
+//! a line in a message span has `trace_id`, `topic`, `seq`, one in a
+//! session span `node_id` and `session_id`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -549,8 +549,12 @@ where
         .with_filter(filter::filter_fn(otel_filter))
 }
 
+/// `RUST_LOG`, else `info` (the OpenTelemetry crates' own chatter only
+/// from `warn`: export failures still show).
 fn env_filter() -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry-otlp=warn")
+    })
 }
 
 fn fmt_layer(format: LogFormat) -> Box<dyn Layer<Registry> + Send + Sync> {
@@ -626,20 +630,34 @@ where
         event.record(&mut visitor);
         let message = fields.remove("message");
 
-        let mut out = serde_json::Map::new();
-        out.insert("timestamp".into(), timestamp.into());
-        out.insert("level".into(), meta.level().as_str().into());
-        if let Some(message) = message {
-            out.insert("message".into(), message);
+        // Fixed keys first, then the fields (sorted); a field named like a
+        // fixed key is left out.
+        let mut line = String::with_capacity(256);
+        let mut put = |key: &str, value: &serde_json::Value| -> fmt::Result {
+            line.push(if line.is_empty() { '{' } else { ',' });
+            line.push_str(&serde_json::to_string(key).map_err(|_| fmt::Error)?);
+            line.push(':');
+            line.push_str(&serde_json::to_string(value).map_err(|_| fmt::Error)?);
+            Ok(())
+        };
+        put("timestamp", &timestamp.into())?;
+        put("level", &meta.level().as_str().into())?;
+        if let Some(message) = &message {
+            put("message", message)?;
         }
-        out.insert("target".into(), meta.target().into());
+        put("target", &meta.target().into())?;
         if let Some(name) = innermost {
-            out.insert("span".into(), name.into());
+            put("span", &name.into())?;
         }
-        for (key, value) in fields {
-            out.entry(key).or_insert(value);
+        for (key, value) in &fields {
+            if !matches!(
+                key.as_str(),
+                "timestamp" | "level" | "message" | "target" | "span"
+            ) {
+                put(key, value)?;
+            }
         }
-        let line = serde_json::to_string(&out).map_err(|_| fmt::Error)?;
+        line.push('}');
         writeln!(writer, "{line}")
     }
 }

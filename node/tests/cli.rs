@@ -46,3 +46,71 @@ fn unknown_config_key_is_refused_with_its_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lisen"), "stderr does not name the key: {err}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn doctor_passes_a_fitting_host_and_fails_a_taken_port() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let client = format!("127.0.0.1:{}", free_port());
+    let ok = herald()
+        .args([
+            "--client-max-connections",
+            "100",
+            "--client-listen",
+            &client,
+        ])
+        .args(["--admin-listen", &admin, "doctor"])
+        .output()
+        .expect("run herald doctor");
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{text}");
+    for item in [
+        "fd-limit",
+        "somaxconn",
+        "tcp-buffers",
+        "memory-limit",
+        "selinux",
+        "client-port",
+    ] {
+        assert!(text.contains(item), "no {item} line:\n{text}");
+    }
+    let holder = std::net::TcpListener::bind(&client).expect("hold the client port");
+    let taken = herald()
+        .args([
+            "--client-max-connections",
+            "100",
+            "--client-listen",
+            &client,
+        ])
+        .args(["--admin-listen", &admin, "doctor"])
+        .output()
+        .expect("run herald doctor");
+    drop(holder);
+    let text = String::from_utf8_lossy(&taken.stdout);
+    assert!(!taken.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fail  client-port") && l.contains("fix:")),
+        "{text}"
+    );
+}
+
+#[test]
+fn doctor_fails_when_the_fd_limit_is_too_low() {
+    let out = herald()
+        .args(["--client-max-connections", "100000000", "doctor"])
+        .output()
+        .expect("run herald doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.lines().any(|l| l.starts_with("fail  fd-limit")),
+        "{text}"
+    );
+}
