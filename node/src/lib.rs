@@ -261,6 +261,7 @@ fn start_transport(config: &Config, node: &NodeId, generation: u64) -> Result<Pe
     // node pushes back on its peers' streams instead of growing.
     let (inbound_tx, inbound) = mpsc::channel(8192);
     let transport = QuicTransport::start(config.cluster.listen, &configs, hello, inbound_tx)?;
+    transport.register_metrics();
     Ok(Peers {
         transport: Arc::new(transport),
         inbound,
