@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cluster_tests::node::{member_generation, member_state, ring_owners, CONVERGE_TIMEOUT};
-use cluster_tests::{check_err, Ca, Cluster, Node, NodeBuilder, WsClient, QUIET};
+use cluster_tests::{check_err, seq_epoch, Ca, Cluster, Node, NodeBuilder, WsClient, QUIET};
 use serde_json::{json, Value};
 
 /// How long a killed node may take to stop mattering: every topic accepts
@@ -201,7 +201,8 @@ impl Subscriber {
 /// What a `pub` with an id came back with.
 #[derive(Debug, Clone)]
 enum PubReply {
-    Ok(u64),
+    /// `seq` and `epoch`.
+    Ok(u64, String),
     Unavailable,
 }
 
@@ -239,11 +240,10 @@ async fn publish_all(
         };
         ensure!(replies[k].is_none(), "second reply for {:?}: {v}", items[k]);
         replies[k] = Some(match v["op"].as_str() {
-            Some("ok") => PubReply::Ok(
-                v["seq"]
-                    .as_u64()
-                    .with_context(|| format!("ok to pub without seq: {v}"))?,
-            ),
+            Some("ok") => {
+                let (seq, epoch) = seq_epoch(&v)?;
+                PubReply::Ok(seq, epoch)
+            }
             _ => {
                 check_err(&v, Some(id), "unavailable")
                     .with_context(|| format!("publish {:?}", items[k]))?;
@@ -257,12 +257,24 @@ async fn publish_all(
 
 /// Like [`publish_all`], but every publish must be acked: returns the seqs.
 async fn publish_acked(ws: &mut WsClient, items: &[(String, String)]) -> Result<Vec<u64>> {
+    Ok(publish_acked_epochs(ws, items)
+        .await?
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect())
+}
+
+/// Like [`publish_acked`], with each ack's epoch.
+async fn publish_acked_epochs(
+    ws: &mut WsClient,
+    items: &[(String, String)],
+) -> Result<Vec<(u64, String)>> {
     let replies = publish_all(ws, items, DELIVERY_TIMEOUT).await?;
     items
         .iter()
         .zip(replies)
         .map(|(item, reply)| match reply {
-            PubReply::Ok(seq) => Ok(seq),
+            PubReply::Ok(seq, epoch) => Ok((seq, epoch)),
             PubReply::Unavailable => bail!("publish {item:?} answered unavailable"),
         })
         .collect()
@@ -607,7 +619,7 @@ async fn a_fourth_node_joins_while_delivery_goes_on() -> Result<()> {
                 let t = &topics[k % topics.len()];
                 let item = (t.clone(), data(id, t, k));
                 match publish_all(ws, std::slice::from_ref(&item), DELIVERY_TIMEOUT).await?[0] {
-                    PubReply::Ok(_) => during_acked += 1,
+                    PubReply::Ok(..) => during_acked += 1,
                     PubReply::Unavailable => during_unavailable += 1,
                 }
                 k += 1;
@@ -692,7 +704,7 @@ async fn publish_until_acked(
         let mut still = Vec::new();
         for ((topic, d), reply) in items.into_iter().zip(replies) {
             match reply {
-                PubReply::Ok(seq) => {
+                PubReply::Ok(seq, _) => {
                     acked.insert(d, seq);
                 }
                 PubReply::Unavailable => still.push(topic),
