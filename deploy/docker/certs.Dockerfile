@@ -23,8 +23,8 @@ COPY docker/make-certs.sh /usr/local/bin/make-certs
 # as the same user. /certs is owned by it, so a new named volume mounted
 # there starts owned by it too.
 RUN set -eux; \
-    groupadd --system --gid 10001 herald; \
-    useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+    groupadd --gid 10001 herald; \
+    useradd --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin herald; \
     chmod 0755 /usr/local/bin/make-certs; \
     mkdir -p /certs; \
