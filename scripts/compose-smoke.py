@@ -8,11 +8,14 @@ Standard library only (no pip). With the stack up (`docker compose up -d`):
 1. waits until every node's /readyz (127.0.0.1:7481-7483) is 200 and
    /v1/cluster lists the three nodes as ready;
 2. waits until HAProxy (127.0.0.1:8404/stats) sees the three servers UP;
-3. through HAProxy (127.0.0.1:7400): opens WebSockets, subscribes, publishes
-   over HTTP (POST /v1/publish/{topic}) and over a WebSocket `pub`, and
-   checks that each subscriber receives both messages;
+3. through HAProxy (127.0.0.1:7400): opens three WebSockets, subscribes on
+   each, checks that HAProxy spread them over the nodes, publishes over HTTP
+   (POST /v1/publish/{topic}) and over a WebSocket `pub`, and checks that
+   each subscriber receives both messages, in order;
 4. waits until Prometheus (127.0.0.1:9090) has the three herald targets up.
 
+Ports are docker-compose.yml's defaults, or the same variables it reads
+(LB_PORT, LB_STATS_PORT, PROMETHEUS_PORT, N1_ADMIN_PORT..N3_ADMIN_PORT).
 Exits 0 when all of it holds, 1 otherwise, printing what it saw.
 """
 
@@ -26,11 +29,16 @@ import time
 import urllib.error
 import urllib.request
 
-HOST = os.environ.get("SMOKE_HOST", "127.0.0.1")
-LB_PORT = int(os.environ.get("SMOKE_LB_PORT", "7400"))
-STATS_PORT = int(os.environ.get("SMOKE_STATS_PORT", "8404"))
-PROM_PORT = int(os.environ.get("SMOKE_PROMETHEUS_PORT", "9090"))
-ADMIN_PORTS = {"n1": 7481, "n2": 7482, "n3": 7483}
+# The same variables as docker-compose.yml's published ports.
+HOST = "127.0.0.1"
+LB_PORT = int(os.environ.get("LB_PORT", "7400"))
+STATS_PORT = int(os.environ.get("LB_STATS_PORT", "8404"))
+PROM_PORT = int(os.environ.get("PROMETHEUS_PORT", "9090"))
+ADMIN_PORTS = {
+    "n1": int(os.environ.get("N1_ADMIN_PORT", "7481")),
+    "n2": int(os.environ.get("N2_ADMIN_PORT", "7482")),
+    "n3": int(os.environ.get("N3_ADMIN_PORT", "7483")),
+}
 TIMEOUT = float(os.environ.get("SMOKE_TIMEOUT", "90"))
 
 
@@ -162,6 +170,14 @@ class WebSocket:
         self.sock.close()
 
 
+def node_connections(port):
+    _, body = http("GET", f"http://{HOST}:{port}/metrics")
+    for line in body.splitlines():
+        if line.startswith("herald_connections "):
+            return int(float(line.split()[1]))
+    return 0
+
+
 def check_nodes():
     states = {}
     for node, port in ADMIN_PORTS.items():
@@ -213,6 +229,12 @@ def main():
             log(f"FAIL sub on socket {i}: {ok}")
             sys.exit(1)
     log(f"ok   subscribed to {topic} on each: {ok}")
+    # leastconn spreads the sockets over the nodes: delivery crosses nodes.
+    spread = {node: node_connections(port) for node, port in ADMIN_PORTS.items()}
+    if sum(1 for n in spread.values() if n > 0) < 2:
+        log(f"FAIL WebSockets not spread over the nodes: herald_connections {spread}")
+        sys.exit(1)
+    log(f"ok   WebSockets spread by HAProxy, herald_connections per node: {spread}")
 
     status, body = http(
         "POST",
