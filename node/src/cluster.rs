@@ -234,10 +234,15 @@ impl Coordinator {
         if self.state != MemberState::Joining {
             return self.state;
         }
+        // Joined once connected to a member that serves: then the ring this
+        // node starts with already holds the cluster, instead of only itself
+        // (which would make it sequence every topic for a moment). Nodes all
+        // seeded with each other and starting together find no such member
+        // and start after the join timeout.
         let joined = !self.setup.has_seeds
             || Instant::now() >= self.join_deadline
             || members.iter().any(|m| {
-                !m.is_self && m.state != MemberState::Dead && self.connected.contains(&m.node)
+                !m.is_self && m.state == MemberState::Ready && self.connected.contains(&m.node)
             });
         if joined {
             MemberState::Ready
