@@ -596,16 +596,52 @@ impl Node {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "node {}: {what}: not within {timeout:?}; last /v1/cluster: {}",
+                    "node {}: {what}: not within {timeout:?}; last /v1/cluster: {}\n{}",
                     self.id(),
                     match last {
                         Ok(view) => view.to_string(),
                         Err(e) => format!("{e:#}"),
-                    }
+                    },
+                    self.describe()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the process is still running (not exited, not a zombie),
+    /// without reaping it (`/proc/PID/stat`).
+    pub fn is_running(&self) -> bool {
+        if self.exit.is_some() {
+            return false;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        // The state follows the command name in parentheses.
+        stat.ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    }
+
+    /// For error messages: whether the process still runs, and the tail of
+    /// its log (a failing test that returns an error does not keep logs).
+    pub fn describe(&self) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "node {} (pid {}) {}; last log lines:\n{}",
+            self.id(),
+            self.pid(),
+            if self.is_running() {
+                "is running"
+            } else {
+                "has exited"
+            },
+            tail.join("\n")
+        )
     }
 }
 
@@ -757,8 +793,9 @@ impl Cluster {
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "node {}: /readyz still {status} {body} after {timeout:?}",
-                        node.id()
+                        "node {}: /readyz still {status} {body} after {timeout:?}\n{}",
+                        node.id(),
+                        node.describe()
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -139,6 +139,9 @@ impl MessageSpan {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// True while the sampler is the default parent-based one (a custom
+/// `OTEL_TRACES_SAMPLER` may record spans whose parent was not sampled).
+static PARENT_BASED: AtomicBool = AtomicBool::new(true);
 static NODE_ID: OnceLock<String> = OnceLock::new();
 
 /// True when spans are exported (an OTLP endpoint is configured and the
@@ -159,6 +162,16 @@ pub fn message_span(
 ) -> MessageSpan {
     if !enabled() {
         return MessageSpan::default();
+    }
+    let unsampled_parent = parent.filter(|p| p.flags & TraceParent::SAMPLED == 0);
+    if let Some(p) = unsampled_parent.filter(|_| PARENT_BASED.load(Ordering::Relaxed)) {
+        // The parent-based sampler would drop this span: skip building it
+        // (most of tracing's cost at low ratios) and pass the parent on, as
+        // an unrecorded span does.
+        return MessageSpan {
+            span: None,
+            context: Some(*p),
+        };
     }
     let node_id = NODE_ID.get().map_or("", String::as_str);
     traced_span(hop, parent, tracestate, topic, node_id)
@@ -432,6 +445,7 @@ impl TraceSettings {
             }
         };
         let (sampler, sampler_text) = if let Some(name) = env_nonempty("OTEL_TRACES_SAMPLER") {
+            PARENT_BASED.store(name.starts_with("parentbased"), Ordering::Relaxed);
             (None, format!("{name} (OTEL_TRACES_SAMPLER)"))
         } else {
             let ratio = match env_nonempty("OTEL_TRACES_SAMPLER_ARG") {
