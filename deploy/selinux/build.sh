@@ -24,7 +24,7 @@
 #      (selinux-policy-dev, installed when missing) and links it too.
 #
 # Installing the result on an SELinux host is a separate, manual step
-# (docs/production.md#selinux): semodule -i DIR/herald.pp, then semanage port
+# (docs/production.md#17-selinux): semodule -i DIR/herald.pp, then semanage port
 # and restorecon.
 
 set -euo pipefail
@@ -35,7 +35,8 @@ link_check=1
 check_interfaces=0
 
 usage() {
-    sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    # The comment block at the top of this file.
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
 }
 
 while [ $# -gt 0 ]; do
@@ -116,9 +117,9 @@ debian_base_policy() {
     fi
     # apt's sandbox user may not write to $dir; download as this user.
     (cd "$dir" && apt-get download -qq -o APT::Sandbox::User=root selinux-policy-default >/dev/null 2>&1) || return 0
-    local deb
-    deb="$(ls "$dir"/selinux-policy-default_*.deb 2>/dev/null | head -n1)"
-    [ -n "$deb" ] || return 0
+    local debs=("$dir"/selinux-policy-default_*.deb)
+    local deb="${debs[0]}"
+    [ -f "$deb" ] || return 0
     dpkg-deb -x "$deb" "$dir/root" || return 0
     local base="$dir/root/usr/share/selinux/default/base.pp"
     if [ -f "$base.bz2" ]; then

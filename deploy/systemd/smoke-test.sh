@@ -132,6 +132,7 @@ for _ in $(seq 1 40); do
     inside "[ -s /tmp/t1 ]" && break
     sleep 1
 done
+# shellcheck disable=SC2016 # expanded by the container's shell
 took="$(inside 'echo $(( $(cat /tmp/t1) - $(cat /tmp/t0) ))')"
 check "stop waited for the grace (${took}s, node.drain_grace 10s, TimeoutStopSec 30s)" \
     all "$took" -ge 9 -- "$took" -lt 30
