@@ -594,6 +594,13 @@ impl Node {
                     return Ok(view.clone());
                 }
             }
+            if !self.is_running() {
+                bail!(
+                    "node {}: {what}: the process is gone\n{}",
+                    self.id(),
+                    self.describe()
+                );
+            }
             if Instant::now() > deadline {
                 bail!(
                     "node {}: {what}: not within {timeout:?}; last /v1/cluster: {}\n{}",
@@ -607,6 +614,27 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Checks that the process answering on this node's admin port is this
+    /// node: `/v1/cluster` names its id, with this node's client address.
+    /// (Free ports are picked per test process; another process on the
+    /// machine may take one in between.)
+    pub async fn check_identity(&self) -> Result<()> {
+        let view = self.cluster_view().await?;
+        let me = view["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["node_id"] == self.id()));
+        let client = me.and_then(|m| m["client_addr"].as_str());
+        if view["node_id"] != self.id() || client != Some(&self.client_addr().to_string()) {
+            bail!(
+                "the admin port of node {} ({}) is answered by another process: {view}\n{}",
+                self.id(),
+                self.admin_addr(),
+                self.describe()
+            );
+        }
+        Ok(())
     }
 
     /// Whether the process is still running (not exited, not a zombie),
@@ -751,7 +779,9 @@ impl Cluster {
         configure: &impl Fn(NodeBuilder) -> NodeBuilder,
     ) -> Result<usize> {
         let builder = configure(self.next_builder()?);
-        self.nodes.push(builder.start().await?);
+        let node = builder.start().await?;
+        node.check_identity().await?;
+        self.nodes.push(node);
         Ok(self.nodes.len() - 1)
     }
 
@@ -856,6 +886,7 @@ impl Cluster {
                 .collect();
         }
         let node = builder.start().await?;
+        node.check_identity().await?;
         let old = std::mem::replace(&mut self.nodes[i], node);
         self.retired.push(old);
         Ok(())

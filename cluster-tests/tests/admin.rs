@@ -511,13 +511,13 @@ async fn open_admitted(node: &Node) -> Result<WsClient> {
 }
 
 #[tokio::test]
-async fn readyz_is_overloaded_past_the_admission_threshold() -> Result<()> {
-    let node = Node::start(&["--client-admission-threshold", "2"]).await?;
+async fn readyz_is_overloaded_at_the_soft_limit() -> Result<()> {
+    let node = Node::start(&["--client-soft-limit", "2"]).await?;
     let first = open_admitted(&node).await?;
     wait_readyz(&node, 200, &[]).await?;
     let mut second = open_admitted(&node).await?;
     wait_readyz(&node, 503, &["overloaded"]).await?;
-    // Ready again once below the threshold.
+    // Ready again once below the soft limit.
     first.close().await?;
     wait_readyz(&node, 200, &[]).await?;
     second.assert_alive().await?;
@@ -526,7 +526,7 @@ async fn readyz_is_overloaded_past_the_admission_threshold() -> Result<()> {
 
 #[tokio::test]
 async fn readyz_is_overloaded_at_the_connection_limit() -> Result<()> {
-    // The default threshold (5000) is far above this cap.
+    // The default soft limit (90% of 50000) is far above this cap.
     let node = Node::start(&["--client-max-connections", "2"]).await?;
     let first = open_admitted(&node).await?;
     let _second = open_admitted(&node).await?;

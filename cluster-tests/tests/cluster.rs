@@ -4,10 +4,15 @@
 //! (-9), restarted with the same id, frozen (an owner outage), and nodes
 //! that must stay out (another CA, another cluster name, no TLS at all).
 //!
-//! Tests cannot ask which node owns a topic, so they use many topics: with
-//! 30 topics on 3 nodes, every node owns some with overwhelming
-//! probability, and where it matters the tests check it (each node's
+//! Tests cannot ask which node owns a topic, so they use many topics (the
+//! ring is deterministic: the same names always land on the same nodes),
+//! and where it matters they check that every node owns some (each node's
 //! `herald_topics` gauge counts the topics it owns). Every wait is bounded.
+//!
+//! A regression covered here: when a member dies, a survivor whose ring
+//! changes first tells the new owner of each moved topic about its exact
+//! subscribers (`Interest`) before that owner's own ring has changed; the
+//! owner must keep that interest.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -875,13 +880,8 @@ async fn a_killed_node_is_replaced_and_survivors_keep_delivering() -> Result<()>
 }
 
 /// The survivors' exact subscribers to the dead node's topics, once the
-/// topics moved. Fails: see the `ignore` reason and the report in the
-/// module doc.
+/// topics moved.
 #[tokio::test]
-#[ignore = "bug: an exact subscription's interest sent to a topic's new owner before that owner's \
-            own ring changed is dropped (shard.rs, PeerFrame::Interest when !owned), so after a \
-            kill the subscribers of the survivor whose ring changed first never get the moved \
-            topics again"]
 async fn exact_subscribers_on_survivors_get_the_dead_nodes_topics() -> Result<()> {
     kill_scenario(MovedTopics::Exact).await
 }

@@ -35,6 +35,7 @@ pub struct Admission {
     active: AtomicUsize,
     max: usize,
     threshold: usize,
+    soft_limit: usize,
     bucket: Mutex<TokenBucket>,
 }
 
@@ -49,11 +50,20 @@ impl Drop for ConnectionPermit {
 }
 
 impl Admission {
-    pub fn new(max: usize, threshold: usize, rate_per_second: u32) -> Arc<Admission> {
+    /// `max` is the hard cap; above `threshold` new connections are
+    /// admitted at `rate_per_second`; at `soft_limit` the node is
+    /// overloaded (it should get no new clients).
+    pub fn new(
+        max: usize,
+        threshold: usize,
+        rate_per_second: u32,
+        soft_limit: usize,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             active: AtomicUsize::new(0),
             max,
             threshold,
+            soft_limit,
             bucket: Mutex::new(TokenBucket {
                 tokens: f64::from(rate_per_second),
                 rate: f64::from(rate_per_second),
@@ -66,10 +76,10 @@ impl Admission {
         self.active.load(Ordering::Acquire)
     }
 
-    /// At or past the soft threshold (or the hard cap, when that is lower):
-    /// the node should get no new clients.
+    /// At or past the soft limit (or the hard cap, when that is lower): the
+    /// node should get no new clients.
     pub fn overloaded(&self) -> bool {
-        self.active() >= self.threshold.min(self.max)
+        self.active() >= self.soft_limit.min(self.max)
     }
 
     pub fn try_admit(self: &Arc<Self>) -> Result<ConnectionPermit, Rejection> {
@@ -109,7 +119,7 @@ mod tests {
 
     #[test]
     fn caps_and_rate_limits() {
-        let admission = Admission::new(5, 2, 1);
+        let admission = Admission::new(5, 2, 1, 4);
         let a = admission.try_admit().expect("below threshold");
         let _b = admission.try_admit().expect("below threshold");
         // Past the threshold: one per second, and the bucket starts full.
@@ -120,7 +130,7 @@ mod tests {
         ));
         drop(a);
         assert_eq!(admission.active(), 2);
-        let full = Admission::new(1, 10, 10);
+        let full = Admission::new(1, 10, 10, 1);
         let _only = full.try_admit().expect("first");
         assert!(matches!(full.try_admit(), Err(Rejection::ConnectionLimit)));
     }

@@ -132,6 +132,11 @@ pub struct Settings {
         env = "HERALD_CLIENT_ADMISSION_THRESHOLD"
     )]
     pub client_admission_threshold: Option<usize>,
+    /// /readyz reports overloaded at this many connections (default: 90% of
+    /// client.max_connections), so a load balancer sends new clients
+    /// elsewhere before the hard cap refuses them.
+    #[arg(long = "client-soft-limit", env = "HERALD_CLIENT_SOFT_LIMIT")]
+    pub client_soft_limit: Option<usize>,
     /// New connections per second admitted above the threshold.
     #[arg(long = "client-admission-rate", env = "HERALD_CLIENT_ADMISSION_RATE")]
     pub client_admission_rate: Option<u32>,
@@ -312,6 +317,8 @@ pub struct ClientConfig {
     pub listen: SocketAddr,
     pub max_connections: usize,
     pub admission_threshold: usize,
+    /// `None`: 90% of `max_connections`.
+    pub soft_limit: Option<usize>,
     pub admission_rate: u32,
     #[serde(with = "duration_text")]
     pub handshake_timeout: Duration,
@@ -421,6 +428,7 @@ impl Default for ClientConfig {
             listen: loopback(7400),
             max_connections: 50_000,
             admission_threshold: 5_000,
+            soft_limit: None,
             admission_rate: 50,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
@@ -556,6 +564,7 @@ impl Config {
             &mut self.client.admission_threshold,
             &s.client_admission_threshold,
         );
+        set_some(&mut self.client.soft_limit, &s.client_soft_limit);
         set(&mut self.client.admission_rate, &s.client_admission_rate);
         set(
             &mut self.client.handshake_timeout,
@@ -677,6 +686,14 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Connections at which `/readyz` says overloaded.
+    pub fn soft_limit(&self) -> usize {
+        self.client
+            .soft_limit
+            .unwrap_or(self.client.max_connections / 10 * 9)
+            .min(self.client.max_connections)
     }
 
     /// True when this node takes part in a cluster: TLS material is set

@@ -133,6 +133,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
         config.client.max_connections,
         config.client.admission_threshold,
         config.client.admission_rate,
+        config.soft_limit(),
     );
 
     let (cluster, membership) = match peers {

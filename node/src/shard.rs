@@ -931,16 +931,14 @@ impl Shard {
             } => self.subscribed(req, seq, epoch, recovered, replay),
             PeerFrame::Interest { req, key, present } => {
                 // Exact topics only here (wildcards come as RemoteWildcard).
-                let owned = key
-                    .pattern
-                    .as_topic()
-                    .is_some_and(|t| self.placement.owns(&self.setup.node, t.as_str()));
-                if owned {
-                    if present {
-                        self.owner.add_interest(&from, &key);
-                    } else {
-                        self.owner.remove_interest(&from, &key);
-                    }
+                // Kept even when this node's ring does not give it the
+                // topic yet: the sender's ring may have changed first, and it
+                // will not send again. A topic this node does not end up
+                // owning is dropped at the next ring change.
+                if present {
+                    self.owner.add_interest(&from, &key);
+                } else {
+                    self.owner.remove_interest(&from, &key);
                 }
                 if let Some(req) = req {
                     self.send(&from, &PeerFrame::InterestAck { req });
@@ -993,24 +991,7 @@ impl Shard {
             }
         }
         // Requests refused or not sent for want of an owner go out again.
-        let parked: Vec<u64> = self
-            .publishes
-            .iter()
-            .filter(|(_, p)| p.parked)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in parked {
-            self.send_publish(req);
-        }
-        let parked: Vec<u64> = self
-            .subscribes
-            .iter()
-            .filter(|(_, p)| p.parked)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in parked {
-            self.send_subscribe(req);
-        }
+        self.retry_parked();
     }
 
     fn peer_up(&mut self, node: &NodeId) {
@@ -1080,7 +1061,32 @@ impl Shard {
         }
     }
 
+    /// Sends parked requests again: an owner that refused (its ring was
+    /// behind) may take them now, without waiting for this node's ring to
+    /// change again.
+    fn retry_parked(&mut self) {
+        let parked: Vec<u64> = self
+            .publishes
+            .iter()
+            .filter(|(_, p)| p.parked)
+            .map(|(req, _)| *req)
+            .collect();
+        for req in parked {
+            self.send_publish(req);
+        }
+        let parked: Vec<u64> = self
+            .subscribes
+            .iter()
+            .filter(|(_, p)| p.parked)
+            .map(|(req, _)| *req)
+            .collect();
+        for req in parked {
+            self.send_subscribe(req);
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
+        self.retry_parked();
         let expired: Vec<u64> = self
             .publishes
             .iter()

@@ -53,7 +53,12 @@ pub async fn docker<S: AsRef<str>>(args: &[S]) -> Result<String> {
         .context("running the docker CLI")?;
     let out = tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| anyhow!("docker {}: no answer within {CLI_TIMEOUT:?}", args.join(" ")))??;
+        .map_err(|_| {
+            anyhow!(
+                "docker {}: no answer within {CLI_TIMEOUT:?}",
+                args.join(" ")
+            )
+        })??;
     if !out.status.success() {
         bail!(
             "docker {} failed ({}): {}",
@@ -257,7 +262,10 @@ impl Events {
         });
         // Let the CLI subscribe before anything happens.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        Ok(Events { _child: child, seen })
+        Ok(Events {
+            _child: child,
+            seen,
+        })
     }
 
     /// Everything seen so far.

@@ -30,6 +30,18 @@ pub enum BuildPolicy {
     IfStale,
 }
 
+impl BuildPolicy {
+    /// `never`, `missing` or `stale`.
+    pub fn parse(name: &str) -> Option<BuildPolicy> {
+        match name {
+            "never" => Some(BuildPolicy::Never),
+            "missing" => Some(BuildPolicy::IfMissing),
+            "stale" => Some(BuildPolicy::IfStale),
+            _ => None,
+        }
+    }
+}
+
 /// The repository root (this crate's parent directory).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
