@@ -85,10 +85,23 @@ pub enum NodeError {
     Membership(#[from] membership::MembershipError),
 }
 
+/// Accept queue asked of the kernel (which caps it at `net.core.somaxconn`):
+/// tokio's default of 128 overflows when thousands of clients reconnect at
+/// once after a node restart.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| NodeError::Bind { what, addr, source })
+    let error = |source| NodeError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    // A restarted node must rebind while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    socket.listen(LISTEN_BACKLOG).map_err(error)
 }
 
 /// Runs the node until SIGTERM or SIGINT, then drains and returns.
