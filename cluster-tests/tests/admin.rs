@@ -225,13 +225,25 @@ async fn metrics_is_prometheus_text() -> Result<()> {
         metrics.samples.len()
     );
     for sample in &metrics.samples {
+        // A histogram's samples are NAME_bucket, NAME_sum and NAME_count
+        // under one `TYPE NAME histogram`.
         let kind = metrics
             .types
             .iter()
             .find(|(n, _)| *n == sample.name)
-            .map(|(_, k)| k.as_str());
+            .map(|(_, k)| k.as_str())
+            .or_else(|| {
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| sample.name.strip_suffix(suffix))?;
+                metrics
+                    .types
+                    .iter()
+                    .find(|(n, k)| *n == base && k == "histogram")
+                    .map(|_| "histogram")
+            });
         ensure!(
-            matches!(kind, Some("counter" | "gauge")),
+            matches!(kind, Some("counter" | "gauge" | "histogram")),
             "{} has TYPE {kind:?}",
             sample.name
         );
@@ -242,8 +254,16 @@ async fn metrics_is_prometheus_text() -> Result<()> {
                 sample.name
             );
         }
+        let family = if kind == Some("histogram") {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| sample.name.strip_suffix(suffix))
+                .unwrap_or(&sample.name)
+        } else {
+            &sample.name
+        };
         ensure!(
-            text.contains(&format!("# HELP {} ", sample.name)),
+            text.contains(&format!("# HELP {family} ")),
             "{} has no HELP",
             sample.name
         );

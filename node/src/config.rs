@@ -692,7 +692,7 @@ impl Config {
     pub fn soft_limit(&self) -> usize {
         self.client
             .soft_limit
-            .unwrap_or(self.client.max_connections / 10 * 9)
+            .unwrap_or((self.client.max_connections * 9).div_ceil(10))
             .min(self.client.max_connections)
     }
 
