@@ -61,9 +61,11 @@ pub enum Command {
     /// Exit 0 when a node's admin endpoint answers 200 (for container
     /// HEALTHCHECKs, where there is no curl).
     Healthcheck {
-        /// The URL to GET (plain http).
-        #[arg(long, default_value = "http://127.0.0.1:7480/healthz")]
-        url: String,
+        /// The URL to GET (plain http). Default: `/healthz` on the admin
+        /// address from HERALD_ADMIN_LISTEN (a wildcard host becomes
+        /// loopback), else http://127.0.0.1:7480/healthz.
+        #[arg(long)]
+        url: Option<String>,
         /// Give up after this long.
         #[arg(long, default_value = "3s", value_parser = duration)]
         timeout: Duration,

@@ -20,6 +20,25 @@ pub enum HealthcheckError {
     Status(String),
 }
 
+/// The default URL: `/healthz` on the configured admin address, so a
+/// container that moves the admin port needs no HEALTHCHECK override.
+pub fn default_url(admin_listen: Option<&str>) -> String {
+    let addr = admin_listen
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|mut addr| {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            addr
+        })
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 7480)));
+    format!("http://{addr}/healthz")
+}
+
 /// GETs `url` and succeeds on a 200 answer.
 pub fn run(url: &str, timeout: Duration) -> Result<(), HealthcheckError> {
     let rest = url
@@ -67,5 +86,36 @@ pub fn run(url: &str, timeout: Duration) -> Result<(), HealthcheckError> {
     } else {
         let status = status_line.lines().next().unwrap_or("nothing").to_owned();
         Err(HealthcheckError::Status(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_url_follows_the_admin_address() {
+        assert_eq!(default_url(None), "http://127.0.0.1:7480/healthz");
+        assert_eq!(
+            default_url(Some("0.0.0.0:9000")),
+            "http://127.0.0.1:9000/healthz"
+        );
+        assert_eq!(default_url(Some("[::]:9000")), "http://[::1]:9000/healthz");
+        assert_eq!(
+            default_url(Some("10.0.0.5:7480")),
+            "http://10.0.0.5:7480/healthz"
+        );
+        assert_eq!(default_url(Some("junk")), "http://127.0.0.1:7480/healthz");
+    }
+
+    #[test]
+    fn a_closed_port_fails() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        assert!(run(&url, Duration::from_millis(500)).is_err());
+        assert!(run("https://x/healthz", Duration::from_millis(500)).is_err());
     }
 }

@@ -11,6 +11,9 @@ fn main() -> ExitCode {
     match cli.command {
         None | Some(Command::Run) | Some(Command::Doctor) => {}
         Some(Command::Healthcheck { url, timeout }) => {
+            let url = url.unwrap_or_else(|| {
+                node::healthcheck::default_url(std::env::var("HERALD_ADMIN_LISTEN").ok().as_deref())
+            });
             return match node::healthcheck::run(&url, timeout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
