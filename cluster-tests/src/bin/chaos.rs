@@ -41,6 +41,9 @@ struct Args {
     publishers: usize,
     #[arg(long, default_value_t = 3)]
     subscribers: usize,
+    /// Subscribers that also leave and resume every few seconds.
+    #[arg(long, default_value_t = 1)]
+    flappers: usize,
     #[arg(long, default_value_t = 12)]
     topics: usize,
     /// Pause between one publisher's publishes.
@@ -56,6 +59,9 @@ struct Args {
     /// Where to write node logs and the report (default target/chaos).
     #[arg(long)]
     artifacts: Option<PathBuf>,
+    /// Run this herald image as it is (implies `--build never`).
+    #[arg(long)]
+    image: Option<String>,
 }
 
 fn fault_kind(name: &str) -> Option<FaultKind> {
@@ -89,6 +95,7 @@ fn main() -> ExitCode {
     config.faults = faults;
     config.publishers = args.publishers;
     config.subscribers = args.subscribers;
+    config.flappers = args.flappers;
     config.topics = args.topics.max(1);
     config.publish_interval = args.publish_interval;
     config.converge_bound = args.converge_bound;
@@ -101,6 +108,10 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
+    }
+    if let Some(image) = args.image {
+        config.herald_image = image;
+        config.build = BuildPolicy::Never;
     }
     if let Some(dir) = args.artifacts {
         config.artifacts = dir;
@@ -133,7 +144,14 @@ fn main() -> ExitCode {
         }
         Some(Ok(outcome)) => {
             println!("{}", outcome.report);
-            if outcome.passed() {
+            if !outcome.harness_errors.is_empty() {
+                eprintln!(
+                    "chaos: run {}: the harness's own docker commands failed: {}",
+                    outcome.run,
+                    outcome.harness_errors.join("; ")
+                );
+                ExitCode::from(2)
+            } else if outcome.passed() {
                 ExitCode::SUCCESS
             } else {
                 eprintln!(

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::workload::{PubOutcome, PublisherLog, SubEvent, SubscriberLog};
+use super::workload::{PubOutcome, PublisherLog, SubEvent, SubscriberLog, LEFT};
 
 /// Slack on either side of a gap (and after the first `ok`): the ack a
 /// publisher got and a delivery to a subscriber race.
@@ -615,6 +615,14 @@ fn check_stream(
     // Positions checked by runs: (epoch, first, last).
     let mut covered: Vec<(&str, u64, u64)> = Vec::new();
     for (ri, run) in runs.iter().enumerate() {
+        // A resume asks for everything after `since` again: what comes next
+        // may be below seqs of that epoch seen since then (and those seen
+        // again are the replay it asked for).
+        if let (Start::Resumed { since, .. }, Some(e)) = (run.start, run.hint) {
+            if let Some(last) = last_in_epoch.get_mut(e) {
+                *last = (*last).min(since);
+            }
+        }
         let mut epoch: Option<&str> = run.hint.or_else(|| {
             run.msgs
                 .iter()
@@ -800,7 +808,25 @@ fn check_stream(
             .iter()
             .find(|r| r.t_start <= ack.at && r.closed.is_none_or(|c| ack.at <= c))
             .map(Run::describe)
-            .unwrap_or_else(|| "between runs of one resumed subscription".to_owned());
+            .or_else(|| {
+                // Away between a session's end and a recovered:true resume.
+                runs.windows(2).find_map(|pair| {
+                    let (before, after) = (&pair[0], &pair[1]);
+                    let Start::Resumed { since, upto } = after.start else {
+                        return None;
+                    };
+                    let away = before.closed.filter(|&c| c <= ack.at && ack.at <= after.t_start)?;
+                    Some(format!(
+                        "away from {} (session {} ended) until {}, then resumed with since {since}: \
+                         recovered:true, epoch {}, ok.seq {upto}",
+                        secs(away),
+                        before.session,
+                        secs(after.t_start),
+                        after.hint.unwrap_or("-")
+                    ))
+                })
+            })
+            .unwrap_or_else(|| "between runs".to_owned());
         v.push(Violation::new(
             Check::SilentLoss,
             format!(
@@ -816,9 +842,10 @@ fn check_stream(
 }
 
 /// Liveness after the last heal: every publisher got an ack for a `pub`
-/// sent after `since`, and every subscriber ends subscribed to every topic
-/// (an open run that began with an `ok`... or continued from one) and got
-/// a message of it after `since`.
+/// sent after `since`, and every subscriber's last session had an `ok` for
+/// every topic and ended only because the run stopped (or, for a flapping
+/// subscriber, because it left), and it got a message of every topic after
+/// `since`.
 pub fn liveness(
     publishers: &[PublisherLog],
     subscribers: &[SubscriberLog],
@@ -851,68 +878,48 @@ pub fn liveness(
         }
     }
     for log in subscribers {
-        let mut last_ended: Option<(u32, &str)> = None;
-        let mut live: HashMap<&str, u32> = HashMap::new();
+        // The last session: subscribed to what, and how it ended.
+        let mut subscribed: HashSet<&str> = HashSet::new();
+        let mut end: Option<&str> = None;
         let mut fresh: HashSet<&str> = HashSet::new();
         for e in &log.events {
             match e {
-                SubEvent::Ok { session, topic, .. } => {
-                    live.insert(topic, *session);
+                SubEvent::Connected { .. } => {
+                    subscribed.clear();
+                    end = None;
                 }
-                SubEvent::Ended {
-                    session, reason, ..
-                } => {
-                    live.retain(|_, s| s != session);
-                    last_ended = Some((*session, reason));
+                SubEvent::Ok { topic, .. } => {
+                    subscribed.insert(topic);
                 }
+                SubEvent::Ended { reason, .. } => end = Some(reason),
                 SubEvent::Msg { at, topic, .. } if *at >= since => {
                     fresh.insert(topic);
                 }
                 _ => {}
             }
         }
-        // Stopping ends the last session on purpose.
-        let stopped_cleanly = matches!(last_ended, Some((_, "stopped")));
+        // Stopping ends the last session on purpose, and a flapping
+        // subscriber may be away when the run stops.
+        let clean = matches!(end, None | Some("stopped") | Some(LEFT));
         for topic in topics {
-            let subscribed = live.contains_key(topic.as_str()) || stopped_cleanly_with(log, topic);
-            if !subscribed || !fresh.contains(topic.as_str()) {
-                v.push(Violation::new(
-                    Check::Liveness,
-                    format!(
-                        "subscriber {} {topic}: {} after {}{}",
-                        log.id,
-                        if subscribed {
-                            "no message"
-                        } else {
-                            "not subscribed at the end"
-                        },
-                        secs(since),
-                        if stopped_cleanly {
-                            String::new()
-                        } else {
-                            format!(" (last session end: {last_ended:?})")
-                        }
-                    ),
-                ));
-            }
+            let topic = topic.as_str();
+            let problem = if !clean || !subscribed.contains(topic) {
+                format!(
+                    "not subscribed at the end (last session ended: {})",
+                    end.unwrap_or("-")
+                )
+            } else if !fresh.contains(topic) {
+                format!("no message after {}", secs(since))
+            } else {
+                continue;
+            };
+            v.push(Violation::new(
+                Check::Liveness,
+                format!("subscriber {} {topic}: {problem}", log.id),
+            ));
         }
     }
     v
-}
-
-/// Whether the subscriber's final session (ended by the stop) had an `ok`
-/// for `topic`.
-fn stopped_cleanly_with(log: &SubscriberLog, topic: &str) -> bool {
-    let mut last_session_ok = false;
-    for e in &log.events {
-        match e {
-            SubEvent::Connected { .. } => last_session_ok = false,
-            SubEvent::Ok { topic: t, .. } if t == topic => last_session_ok = true,
-            SubEvent::Ended { reason, .. } if reason == "stopped" => return last_session_ok,
-            _ => {}
-        }
-    }
-    false
 }
 
 /// The violations, grouped by check, for the report (at most `per_check`
@@ -1174,6 +1181,69 @@ mod tests {
         let (v, stats) = run_check(p, subscriber(ev, 20_000));
         assert!(v.is_empty(), "{v:?}");
         assert_eq!(stats.lost_told, 0);
+    }
+
+    #[test]
+    fn a_replay_asked_for_again_is_neither_a_duplicate_nor_out_of_order() {
+        // E 1..=3; the topic moves (F 1, 2: a restart, so the subscriber
+        // keeps since 3 in E); E comes back at its old owner and goes on
+        // with 5, 6 (4 was lost then: a jump); the subscriber resumes with
+        // since 3 and gets 4, 5, 6 again.
+        let mut recs = acked(6, "E", 1000);
+        recs.extend([
+            (7, "t", 4200, Some((1, "F"))),
+            (8, "t", 4300, Some((2, "F"))),
+        ]);
+        let p = publisher(0, &recs);
+        let ev = vec![
+            ok(1, 500, 0, "E", None, None),
+            msg(1, 2010, 1, 1),
+            msg(1, 3010, 2, 2),
+            msg(1, 4010, 3, 3),
+            msg(1, 4210, 1, 7),
+            msg(1, 4310, 2, 8),
+            msg(1, 6010, 5, 5),
+            msg(1, 7010, 6, 6),
+            ended(1, 7500),
+            ok(2, 8000, 6, "E", Some((3, "E")), Some(true)),
+            msg(2, 8001, 4, 4),
+            msg(2, 8002, 5, 5),
+            msg(2, 8003, 6, 6),
+        ];
+        let (v, stats) = run_check(p, subscriber(ev, 20_000));
+        assert!(v.is_empty(), "{v:?}");
+        assert_eq!(stats.requested_again, 2);
+    }
+
+    #[test]
+    fn recovered_true_that_hides_another_epoch_is_a_silent_loss() {
+        // E 1..=3 at its owner; the topic moves to F (1, 2 seen live: a
+        // restart); the subscriber leaves; F 3, 4 are acked; the old owner
+        // takes the topic back and goes on with E; the subscriber resumes
+        // with since 3 in E and is told recovered:true. F 3, 4 are lost and
+        // nothing said so.
+        let mut recs = acked(3, "E", 1000);
+        recs.extend([
+            (7, "t", 4200, Some((1, "F"))),
+            (8, "t", 4300, Some((2, "F"))),
+            (9, "t", 5500, Some((3, "F"))),
+            (10, "t", 6000, Some((4, "F"))),
+        ]);
+        let p = publisher(0, &recs);
+        let ev = vec![
+            ok(1, 500, 0, "E", None, None),
+            msg(1, 2010, 1, 1),
+            msg(1, 3010, 2, 2),
+            msg(1, 4010, 3, 3),
+            msg(1, 4210, 1, 7),
+            msg(1, 4310, 2, 8),
+            ended(1, 4500),
+            ok(2, 7000, 3, "E", Some((3, "E")), Some(true)),
+        ];
+        let (v, _) = run_check(p, subscriber(ev, 20_000));
+        assert_eq!(checks(&v), vec![Check::SilentLoss], "{v:?}");
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].detail.contains("recovered:true, epoch E"), "{v:?}");
     }
 
     #[test]

@@ -178,6 +178,33 @@ impl DockerCluster {
         Ok(cluster)
     }
 
+    /// Waits until every node's `/readyz` answers 200 and HAProxy has had
+    /// time to see it (two checks), so that the workload's connections
+    /// spread over all nodes. `Err` says which node was not ready.
+    pub async fn wait_ready(&self, timeout: Duration) -> std::result::Result<(), String> {
+        let started = Instant::now();
+        for node in &self.nodes {
+            loop {
+                match http::get(node.admin, "/readyz").await {
+                    Ok(r) if r.status == 200 => break,
+                    other if started.elapsed() > timeout => {
+                        return Err(format!(
+                            "{} /readyz not 200 within {timeout:?}: {}",
+                            node.id,
+                            match other {
+                                Ok(r) => format!("{} {}", r.status, r.text()),
+                                Err(e) => format!("{e:#}"),
+                            }
+                        ));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok(())
+    }
+
     /// `docker run` for node `i` (first start only).
     async fn run_node(&self, run: &str, i: usize) -> Result<()> {
         let node = &self.nodes[i];

@@ -164,10 +164,10 @@ pub async fn execute(
         for &i in &fault.targets {
             let node = &cluster.nodes[i];
             let mut rec = FaultRecord::new(fault.kind, &node.id, origin);
-            // SIGTERM: a clean drain ends with exit code 0.
-            exits.push((node.container.clone(), 0));
-            if let Err(e) = cluster.restart(i).await {
-                rec.errors.push(format!("{e:#}"));
+            match cluster.restart(i).await {
+                // SIGTERM: a clean drain ends with exit code 0.
+                Ok(()) => exits.push((node.container.clone(), 0)),
+                Err(e) => rec.errors.push(format!("{e:#}")),
             }
             rec.healed = Some(origin.elapsed());
             rec.converged = Some(cluster.wait_converged(&all, bound).await);
@@ -188,8 +188,11 @@ pub async fn execute(
     let injected_at = Instant::now();
     let injected = match fault.kind {
         FaultKind::Kill => {
-            exits.push((node.container.clone(), 137));
-            cluster.kill(i).await
+            let killed = cluster.kill(i).await;
+            if killed.is_ok() {
+                exits.push((node.container.clone(), 137));
+            }
+            killed
         }
         FaultKind::Pause => cluster.pause(i).await,
         FaultKind::Partition => cluster.disconnect(i).await,

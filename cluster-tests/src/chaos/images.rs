@@ -1,10 +1,10 @@
 //! The images a run needs (the herald image and the HAProxy image), built
 //! on this machine by the project's own `scripts/compose-build.sh` when
-//! they are missing, or when the herald image is older than the sources it
-//! is built from (a stale image would test old code).
+//! they are missing, or when no herald image of the current sources exists
+//! (a stale image would test old code).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -25,8 +25,8 @@ pub enum BuildPolicy {
     Never,
     /// Build missing images only.
     IfMissing,
-    /// Build missing images, and the herald image again when a source file
-    /// is newer than it.
+    /// Build missing images, and the herald image again when the sources
+    /// changed since this harness last built it.
     IfStale,
 }
 
@@ -50,41 +50,46 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Makes sure both images exist (and, with [`BuildPolicy::IfStale`], that
-/// the herald image is newer than its sources). Returns what it did, for the
-/// report; the build's output goes to `log_dir/image-build.log`.
+/// Makes sure both images exist (with [`BuildPolicy::IfStale`]: a herald
+/// image built from the sources as they are now) and returns the herald
+/// image to run, and what was done, for the report. A build's output goes
+/// to `log_dir/image-build.log`.
+///
+/// Freshness is by content, not by time: an image built by this harness is
+/// also tagged `herald-chaos:<hash of the sources>`, so a fresh clone of
+/// unchanged sources reuses it, and any change to `node/`, `protocol/`,
+/// `Cargo.toml`, `Cargo.lock` or `deploy/docker/` builds again.
 pub async fn ensure(
     herald: &str,
     haproxy: &str,
     policy: BuildPolicy,
     log_dir: &Path,
-) -> Result<Vec<String>> {
+) -> Result<(String, Vec<String>)> {
     let root = repo_root();
-    let herald_created = created(herald).await;
-    let haproxy_present = created(haproxy).await.is_some();
+    let haproxy_present = exists(haproxy).await;
+    let herald_present = exists(herald).await;
     let mut notes = Vec::new();
-    let stale = match (policy, herald_created) {
-        (BuildPolicy::IfStale, Some(created)) => {
-            let newest = newest_source(&root);
-            newest.filter(|(t, _)| *t > created).map(|(_, p)| p)
-        }
-        _ => None,
+    let by_content = policy == BuildPolicy::IfStale && herald == HERALD_IMAGE;
+    let fresh_tag = if by_content {
+        Some(format!("herald-chaos:{}", source_hash(&root)?))
+    } else {
+        None
     };
-    let need_herald = herald_created.is_none() || stale.is_some();
-    if !need_herald && haproxy_present {
-        return Ok(notes);
+    let herald_ok = match &fresh_tag {
+        Some(tag) => exists(tag).await,
+        None => herald_present,
+    };
+    let use_image = fresh_tag.clone().unwrap_or_else(|| herald.to_owned());
+    if herald_ok && haproxy_present {
+        return Ok((use_image, notes));
     }
     if policy == BuildPolicy::Never {
         bail!(
             "image {} is missing and building was turned off: run scripts/compose-build.sh",
-            if herald_created.is_none() {
-                herald
-            } else {
-                haproxy
-            }
+            if herald_present { haproxy } else { herald }
         );
     }
-    if herald != HERALD_IMAGE && need_herald || haproxy != HAPROXY_IMAGE && !haproxy_present {
+    if herald != HERALD_IMAGE && !herald_ok || haproxy != HAPROXY_IMAGE && !haproxy_present {
         bail!(
             "images {herald} / {haproxy}: only {HERALD_IMAGE} and {HAPROXY_IMAGE} are built here \
              (scripts/compose-build.sh); build the others yourself"
@@ -97,10 +102,10 @@ pub async fn ensure(
     } else {
         &[]
     };
-    let why = match (&stale, herald_created, haproxy_present) {
-        (Some(path), _, true) => format!("{herald} is older than {}", path.display()),
-        (_, None, true) => format!("{herald} is missing"),
-        _ => format!("{haproxy} is missing"),
+    let why = match (herald_ok, herald_present, haproxy_present) {
+        (_, _, false) => format!("{haproxy} is missing"),
+        (_, false, _) => format!("{herald} is missing"),
+        _ => format!("no herald image of the current sources ({use_image})"),
     };
     std::fs::create_dir_all(log_dir)?;
     let log_path = log_dir.join("image-build.log");
@@ -143,54 +148,77 @@ pub async fn ensure(
         started.elapsed()
     ));
     for image in [herald, haproxy] {
-        if created(image).await.is_none() {
+        if !exists(image).await {
             bail!("{image} still missing after scripts/compose-build.sh");
         }
     }
-    Ok(notes)
+    if let Some(tag) = &fresh_tag {
+        docker(&["tag", herald, tag]).await?;
+        // Older tags of this harness only: the images stay while in use.
+        let old = docker(&[
+            "image",
+            "ls",
+            "herald-chaos",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+        ])
+        .await?;
+        for name in old
+            .lines()
+            .filter(|n| n != tag && n.starts_with("herald-chaos:"))
+        {
+            let _ = docker(&["rmi", name]).await;
+        }
+    }
+    Ok((use_image, notes))
 }
 
-/// When the image was made; `None` if there is no such image.
-async fn created(image: &str) -> Option<SystemTime> {
-    let text = docker(&["image", "inspect", "--format", "{{.Created}}", image])
+async fn exists(image: &str) -> bool {
+    docker(&["image", "inspect", "--format", "{{.Id}}", image])
         .await
-        .ok()?;
-    humantime::parse_rfc3339_weak(text.trim())
-        .ok()
-        // A date this code cannot read: take the image as new rather than
-        // rebuild it on every run.
-        .or(Some(SystemTime::now()))
+        .is_ok()
 }
 
-/// The newest file the herald binary is built from, with its time.
-fn newest_source(root: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    let mut consider = |path: &Path| {
-        if let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) {
-            if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
-                newest = Some((modified, path.to_path_buf()));
+/// FNV-1a (64 bit) of the paths and contents of every file the herald image
+/// is built from, as 16 hex digits.
+fn source_hash(root: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = ["Cargo.toml", "Cargo.lock", "deploy/docker/Dockerfile"]
+        .iter()
+        .map(|f| root.join(f))
+        .collect();
+    let mut stack = vec![
+        root.join("node"),
+        root.join("protocol"),
+        root.join("deploy/docker/rootfs"),
+    ];
+    while let Some(dir) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "target") {
+                    stack.push(path);
+                }
+            } else {
+                files.push(path);
             }
+        }
+    }
+    files.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
     };
-    for file in ["Cargo.toml", "Cargo.lock", "deploy/docker/Dockerfile"] {
-        consider(&root.join(file));
+    for file in &files {
+        let rel = file.strip_prefix(root).unwrap_or(file);
+        feed(rel.to_string_lossy().as_bytes());
+        feed(&[0]);
+        feed(&std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
+        feed(&[0xff]);
     }
-    let mut stack = vec![root.join("node"), root.join("protocol")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path
-                .extension()
-                .is_some_and(|e| e == "rs" || e == "toml" || e == "proto")
-            {
-                consider(&path);
-            }
-        }
-    }
-    newest
+    Ok(format!("{h:016x}"))
 }

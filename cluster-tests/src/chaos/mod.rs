@@ -42,6 +42,8 @@ pub struct Config {
     pub faults: Vec<FaultKind>,
     pub publishers: usize,
     pub subscribers: usize,
+    /// Subscribers that also leave and come back on their own.
+    pub flappers: usize,
     pub topics: usize,
     pub publish_interval: Duration,
     /// Bound on membership convergence after each heal (and on detection
@@ -67,6 +69,7 @@ impl Config {
             faults: FaultKind::ALL.to_vec(),
             publishers: 3,
             subscribers: 3,
+            flappers: 1,
             topics: 12,
             publish_interval: Duration::from_millis(30),
             converge_bound: Duration::from_secs(15),
@@ -85,6 +88,9 @@ impl Config {
 pub struct Outcome {
     pub run: String,
     pub violations: Vec<Violation>,
+    /// Docker commands of the faults that failed: the run did not do what
+    /// it meant to, so it proves nothing either way.
+    pub harness_errors: Vec<String>,
     /// The report, as printed.
     pub report: String,
     /// The run's directory of logs and the report.
@@ -93,7 +99,7 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn passed(&self) -> bool {
-        self.violations.is_empty()
+        self.violations.is_empty() && self.harness_errors.is_empty()
     }
 }
 
@@ -108,7 +114,6 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// images); what Herald did wrong is in [`Outcome::violations`].
 pub async fn run(config: Config) -> Result<Outcome> {
     static RUNS: AtomicU32 = AtomicU32::new(0);
-    let origin = Instant::now();
     let name = format!(
         "herald-chaos-{}-{}-s{}",
         std::process::id(),
@@ -127,16 +132,21 @@ pub async fn run(config: Config) -> Result<Outcome> {
         Err(e) => notes.push(format!("could not look for leftovers: {e:#}")),
     }
     let build_started = Instant::now();
-    notes.extend(
-        images::ensure(
-            &config.herald_image,
-            &config.haproxy_image,
-            config.build,
-            &config.artifacts,
-        )
-        .await?,
-    );
+    let (herald_image, built) = images::ensure(
+        &config.herald_image,
+        &config.haproxy_image,
+        config.build,
+        &config.artifacts,
+    )
+    .await?;
+    notes.extend(built);
     let build_time = build_started.elapsed();
+    let config = Config {
+        herald_image,
+        ..config
+    };
+    // Every time in the report is since here.
+    let origin = Instant::now();
 
     // The whole run is bounded: setup, the fault phase (the first round of
     // faults may overrun the budget), the final phase.
@@ -146,7 +156,7 @@ pub async fn run(config: Config) -> Result<Outcome> {
     let result =
         tokio::time::timeout(limit, run_cluster(&config, &name, &dir, &guard, origin)).await;
     guard.cleanup();
-    let (violations, mut body) = match result {
+    let (violations, harness_errors, body) = match result {
         Ok(r) => r?,
         Err(_) => anyhow::bail!("the run did not finish within {limit:?}"),
     };
@@ -156,7 +166,7 @@ pub async fn run(config: Config) -> Result<Outcome> {
         report,
         "Herald chaos run {name}: seed {}, {} in all{}",
         config.seed,
-        secs(origin.elapsed() - build_time),
+        secs(origin.elapsed()),
         if build_time > Duration::from_secs(5) {
             format!(" (plus {} building images)", secs(build_time))
         } else {
@@ -169,35 +179,49 @@ pub async fn run(config: Config) -> Result<Outcome> {
     report.push_str(&body);
     let _ = writeln!(
         report,
-        "\nResult: {} ({} violation(s)); logs in {}",
-        if violations.is_empty() {
+        "\nResult: {} ({} violation(s){}); logs in {}",
+        if !harness_errors.is_empty() {
+            "HARNESS ERROR"
+        } else if violations.is_empty() {
             "PASS"
         } else {
             "FAIL"
         },
         violations.len(),
+        if harness_errors.is_empty() {
+            String::new()
+        } else {
+            format!(", {} harness error(s)", harness_errors.len())
+        },
         dir.display()
     );
-    body.clear();
     std::fs::write(dir.join("report.txt"), &report)?;
+    let all: Vec<String> = violations
+        .iter()
+        .map(|v| format!("[{}] {}", v.check.name(), v.detail))
+        .collect();
+    std::fs::write(dir.join("violations.txt"), all.join("\n"))?;
     Ok(Outcome {
         run: name,
         violations,
+        harness_errors,
         report,
         artifacts: dir,
     })
 }
 
 /// Starts the cluster, runs the workload and the faults, collects and
-/// checks. Returns the violations and the body of the report.
+/// checks. Returns the violations, the harness's own errors and the body of
+/// the report.
 async fn run_cluster(
     config: &Config,
     name: &str,
     dir: &std::path::Path,
     guard: &Arc<Guard>,
     origin: Instant,
-) -> Result<(Vec<Violation>, String)> {
+) -> Result<(Vec<Violation>, Vec<String>, String)> {
     let mut out = String::new();
+    let mut harness_errors = Vec::new();
     let mut violations = Vec::new();
     let events = Events::watch(name, origin).await?;
     let cluster = DockerCluster::start(
@@ -208,6 +232,9 @@ async fn run_cluster(
         guard,
     )
     .await?;
+    if let Err(why) = cluster.wait_ready(Duration::from_secs(20)).await {
+        let _ = writeln!(out, "note: starting the workload anyway: {why}");
+    }
     let ready_at = origin.elapsed();
     let _ = writeln!(
         out,
@@ -228,6 +255,7 @@ async fn run_cluster(
     let shape = Shape {
         publishers: config.publishers,
         subscribers: config.subscribers,
+        flappers: config.flappers,
         topics: topics.clone(),
         publish_interval: config.publish_interval,
     };
@@ -295,7 +323,8 @@ async fn run_cluster(
             }
         );
         for e in &r.errors {
-            let _ = writeln!(out, "      harness error: {e}");
+            let _ = writeln!(out, "      HARNESS ERROR: {e}");
+            harness_errors.push(format!("{} of {}: {e}", r.kind, r.node));
         }
         if let Some(Err(last)) = &r.converged {
             violations.push(Violation::new(
@@ -434,9 +463,11 @@ async fn run_cluster(
 
     let _ = writeln!(
         out,
-        "\nworkload: {} publishers, {} subscribers, {} topics, through HAProxy; {} to {}",
+        "\nworkload: {} publishers, {} subscribers (+{} that leave and resume every few seconds), {} topics, \
+         through HAProxy; {} to {}",
         config.publishers,
         config.subscribers,
+        config.flappers,
         config.topics,
         secs(ready_at),
         secs(ended_at)
@@ -469,7 +500,7 @@ async fn run_cluster(
     );
     let _ = writeln!(out, "\nchecks:");
     out.push_str(&checker::render(&violations, 20));
-    Ok((violations, out))
+    Ok((violations, harness_errors, out))
 }
 
 /// The workload's records, one line each, for reading after a failure.

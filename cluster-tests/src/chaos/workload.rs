@@ -13,6 +13,10 @@
 //!   through the load balancer with backoff and subscribes again with
 //!   `since` and `epoch` where it knows them (see [`TopicState`]). A `sub`
 //!   answered with `err` is retried on the same session.
+//! - A *flapping* subscriber does the same, and also leaves on its own
+//!   every few seconds (a clean close) and comes back a moment later with
+//!   `since` and `epoch`: recovery is exercised all the time, not only when
+//!   a fault ends a session.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,8 +31,10 @@ use tokio::task::JoinHandle;
 
 use cluster_tests::ws::{WsClient, WsConnect};
 
-/// How long a publisher waits for the reply to one `pub`.
-pub const ACK_WAIT: Duration = Duration::from_secs(6);
+/// How long a publisher waits for the reply to one `pub`: longer than any
+/// fault is held, so that a `pub` stuck on a paused or cut-off node is
+/// answered (or not) after the heal, as a patient client would see it.
+pub const ACK_WAIT: Duration = Duration::from_secs(12);
 /// A subscriber session with no frame for this long (despite pings) is dead.
 pub const STALL: Duration = Duration::from_secs(3);
 /// A `sub` not answered within this long ends the session.
@@ -42,6 +48,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Ids of subscriber pings (well above `sub` ids).
 const PING_IDS: u64 = 1 << 48;
+/// A flapping subscriber's session lasts this long (ms, seeded)...
+const FLAP_SESSION_MS: std::ops::RangeInclusive<u64> = 3_000..=8_000;
+/// ...and it stays away this long (ms, seeded).
+const FLAP_AWAY_MS: std::ops::RangeInclusive<u64> = 500..=3_000;
+/// The `Ended` reason of a session a flapping subscriber left.
+pub const LEFT: &str = "left on purpose";
 
 /// What became of one `pub`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +226,8 @@ impl TopicState {
 pub struct Shape {
     pub publishers: usize,
     pub subscribers: usize,
+    /// Flapping subscribers, in addition to `subscribers`.
+    pub flappers: usize,
     pub topics: Vec<String>,
     /// Pause between one publisher's `pub`s (after the reply).
     pub publish_interval: Duration,
@@ -233,14 +247,20 @@ impl Workload {
         let (stop_pubs, pub_rx) = watch::channel(false);
         let (stop_subs, sub_rx) = watch::channel(false);
         let topics = Arc::new(shape.topics.clone());
-        let subs = (0..shape.subscribers as u32)
+        let subs = (0..(shape.subscribers + shape.flappers) as u32)
             .map(|id| {
+                let flap = (id as usize >= shape.subscribers).then(|| {
+                    ChaCha8Rng::seed_from_u64(
+                        seed ^ (u64::from(id) + 101).wrapping_mul(0xA24B_AED4_963E_E407),
+                    )
+                });
                 let s = Subscriber {
                     id,
                     lb,
                     topics: topics.clone(),
                     origin,
                     stop: sub_rx.clone(),
+                    flap,
                 };
                 tokio::spawn(s.run())
             })
@@ -447,6 +467,8 @@ struct Subscriber {
     topics: Arc<Vec<String>>,
     origin: Instant,
     stop: watch::Receiver<bool>,
+    /// Set for a flapping subscriber.
+    flap: Option<ChaCha8Rng>,
 }
 
 /// A `sub` waiting for its reply.
@@ -503,8 +525,20 @@ impl Subscriber {
                 let _ = ws.close().await;
                 break;
             }
-            drop(ws);
-            if sleep_or_stop(backoff, &mut self.stop).await {
+            let left =
+                matches!(log.events.last(), Some(SubEvent::Ended { reason, .. }) if reason == LEFT);
+            let away = match &mut self.flap {
+                Some(rng) if left => {
+                    // A clean close, as a client that leaves would.
+                    let _ = ws.close().await;
+                    Duration::from_millis(rng.random_range(FLAP_AWAY_MS))
+                }
+                _ => {
+                    drop(ws);
+                    backoff
+                }
+            };
+            if sleep_or_stop(away, &mut self.stop).await {
                 break;
             }
         }
@@ -528,11 +562,18 @@ impl Subscriber {
         let mut next_ping = now + PING_EVERY;
         let mut ping_id = PING_IDS;
         let mut last_frame = now;
+        let leave_at = self
+            .flap
+            .as_mut()
+            .map(|rng| now + Duration::from_millis(rng.random_range(FLAP_SESSION_MS)));
         loop {
             if *self.stop.borrow() {
                 return None;
             }
             let now = Instant::now();
+            if leave_at.is_some_and(|t| now >= t) {
+                return Some(LEFT.to_owned());
+            }
             let mut i = 0;
             while i < due.len() {
                 if due[i].0 > now {
@@ -661,5 +702,43 @@ impl Subscriber {
                 }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TopicState;
+
+    #[test]
+    fn resume_position_follows_the_known_epoch() {
+        let mut s = TopicState::default();
+        assert_eq!(s.resume_from(), (None, None));
+        s.on_ok(5, "E", None, None, None);
+        for seq in 6..=9 {
+            s.on_msg(seq);
+        }
+        assert_eq!(s.resume_from(), (Some(9), Some("E".to_owned())));
+        // A jump is taken as a gap in the same epoch.
+        s.on_msg(12);
+        assert_eq!(s.resume_from(), (Some(12), Some("E".to_owned())));
+        // A restart proves another epoch: the position in E stays.
+        s.on_msg(1);
+        s.on_msg(2);
+        assert_eq!(s.resume_from(), (Some(12), Some("E".to_owned())));
+        // recovered:true resumes from since; replay follows.
+        s.on_ok(20, "E", Some(true), Some(12), Some("E"));
+        s.on_msg(13);
+        assert_eq!(s.resume_from(), (Some(13), Some("E".to_owned())));
+        // recovered:false in another epoch: from ok.seq.
+        s.on_ok(7, "F", Some(false), Some(13), Some("E"));
+        assert_eq!(s.resume_from(), (Some(7), Some("F".to_owned())));
+        s.on_msg(8);
+        assert_eq!(s.resume_from(), (Some(8), Some("F".to_owned())));
+        // recovered:false in the same epoch: a partial replay from below
+        // ok.seq is not a restart.
+        s.on_ok(900, "F", Some(false), Some(8), Some("F"));
+        s.on_msg(300);
+        s.on_msg(301);
+        assert_eq!(s.resume_from(), (Some(301), Some("F".to_owned())));
     }
 }
