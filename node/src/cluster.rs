@@ -8,7 +8,7 @@
 //! whole cluster logic runs in tests over the in-memory transport with a
 //! members list the test controls.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +77,8 @@ pub fn start(
         join_deadline: Instant::now() + setup.join_timeout,
         setup,
         connected: HashSet::new(),
+        seen: HashMap::new(),
+        alone_since: None,
         placement,
         state: MemberState::Joining,
         view: view_tx,
@@ -89,6 +91,10 @@ pub fn start(
 struct Coordinator {
     setup: ClusterSetup,
     connected: HashSet<NodeId>,
+    /// The generation of every peer this node has been connected to.
+    seen: HashMap<NodeId, u64>,
+    /// Since when the ring would hold only this node after holding others.
+    alone_since: Option<Instant>,
     placement: Arc<Placement>,
     state: MemberState,
     join_deadline: Instant,
@@ -133,9 +139,12 @@ impl Coordinator {
                 }
             },
             Inbound::PeerUp { node, generation } => {
-                info!(peer = %node, generation, "peer connected");
+                // The same generation again: the link broke and healed, and
+                // either side may have owned the other's topics meanwhile.
+                let reconnect = self.seen.insert(node.clone(), generation) == Some(generation);
+                info!(peer = %node, generation, reconnect, "peer connected");
                 self.connected.insert(node.clone());
-                let result = router.peer_up(node).await;
+                let result = router.peer_up(node, reconnect).await;
                 self.update().await;
                 result
             }
@@ -198,6 +207,20 @@ impl Coordinator {
         }
         let mut sorted = placed.clone();
         sorted.sort();
+        // Every peer lost at once (this node was paused, or cut off) looks
+        // the same as everyone else dying. Taking every topic alone at once
+        // would sequence them in epochs the cluster drops when the links
+        // come back, acked messages included. Wait as a joining node would;
+        // meanwhile requests to other owners fail `unavailable`.
+        let alone = sorted.len() == 1 && self.placement.members().len() > 1;
+        if alone {
+            let since = *self.alone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.setup.join_timeout {
+                sorted = self.placement.members().to_vec();
+            }
+        } else {
+            self.alone_since = None;
+        }
         if sorted != self.placement.members() {
             let placement = Arc::new(Placement::new(
                 placed,

@@ -304,6 +304,21 @@ impl TopicOwner {
         });
     }
 
+    /// Starts a new epoch for every topic, keeping interest. After this node
+    /// was cut off from a peer, that peer may have sequenced some of these
+    /// topics meanwhile: continuing the old epoch would let a subscriber
+    /// resume "recovered" past messages it never saw.
+    pub fn new_epochs(&mut self) {
+        let mut dropped = 0usize;
+        for owned in self.topics.values_mut() {
+            dropped += owned.history.len();
+            owned.history = History::default();
+            owned.seq = 0;
+            owned.epoch = new_epoch();
+        }
+        METRICS.history_messages.add(-(dropped as i64));
+    }
+
     /// Drops the topics `keep` says this node no longer owns: their new
     /// owner starts a new epoch, so subscribers learn of the gap.
     pub fn retain_topics(&mut self, mut keep: impl FnMut(&Topic) -> bool) {

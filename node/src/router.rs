@@ -217,8 +217,12 @@ impl Router {
         self.to_all(|| Command::Placement(placement.clone())).await
     }
 
-    pub async fn peer_up(&self, node: NodeId) -> Result<(), RouterError> {
-        self.to_all(|| Command::PeerUp(node.clone())).await
+    pub async fn peer_up(&self, node: NodeId, reconnect: bool) -> Result<(), RouterError> {
+        self.to_all(|| Command::PeerUp {
+            node: node.clone(),
+            reconnect,
+        })
+        .await
     }
 
     pub async fn peer_down(&self, node: NodeId) -> Result<(), RouterError> {

@@ -222,8 +222,9 @@ pub enum Command {
     },
     /// The ring changed.
     Placement(Arc<Placement>),
-    /// An authenticated connection to a peer is up (again).
-    PeerUp(NodeId),
+    /// An authenticated connection to a peer is up; `reconnect` when this
+    /// node had been connected to the same generation of it before.
+    PeerUp { node: NodeId, reconnect: bool },
     /// The connection to a peer ended.
     PeerDown(NodeId),
     /// Answers once the shard has run everything sent before it.
@@ -364,7 +365,7 @@ impl Shard {
                 }
             }
             Command::Placement(placement) => self.placement_changed(placement),
-            Command::PeerUp(node) => self.peer_up(&node),
+            Command::PeerUp { node, reconnect } => self.peer_up(&node, reconnect),
             Command::PeerDown(node) => self.peer_down(&node),
             Command::Health(reply) => {
                 let _ = reply.send(());
@@ -994,7 +995,10 @@ impl Shard {
         self.retry_parked();
     }
 
-    fn peer_up(&mut self, node: &NodeId) {
+    fn peer_up(&mut self, node: &NodeId, reconnect: bool) {
+        if reconnect {
+            self.owner.new_epochs();
+        }
         // The peer may have forgotten this node's interest (its connection
         // broke, or it restarted): register everything it owns again.
         for key in self.local.exact_keys() {
