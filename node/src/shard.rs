@@ -224,7 +224,10 @@ pub enum Command {
     Placement(Arc<Placement>),
     /// An authenticated connection to a peer is up; `reconnect` when this
     /// node had been connected to the same generation of it before.
-    PeerUp { node: NodeId, reconnect: bool },
+    PeerUp {
+        node: NodeId,
+        reconnect: bool,
+    },
     /// The connection to a peer ended.
     PeerDown(NodeId),
     /// Answers once the shard has run everything sent before it.
