@@ -14,7 +14,7 @@
 //! handled here in that order. A shard never waits on a session (outboxes
 //! take pushes or close) nor on a peer (the transport queues or refuses).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -288,7 +288,7 @@ pub struct Shard {
     next_req: u64,
     publishes: BTreeMap<u64, PendingPublish>,
     subscribes: BTreeMap<u64, PendingSubscribe>,
-    announces: HashMap<u64, PendingAnnounce>,
+    announces: BTreeMap<u64, PendingAnnounce>,
 }
 
 /// How often history is aged out and idle topics are forgotten.
@@ -311,7 +311,7 @@ impl Shard {
             next_req: 0,
             publishes: BTreeMap::new(),
             subscribes: BTreeMap::new(),
-            announces: HashMap::new(),
+            announces: BTreeMap::new(),
             setup,
         }
     }
@@ -1037,16 +1037,11 @@ impl Shard {
         self.owner.forget_node(node);
         // A publish in flight to it may or may not have been sequenced:
         // sending it again could deliver it twice, so it fails now.
-        let lost: Vec<u64> = self
-            .publishes
-            .iter()
-            .filter(|(_, p)| !p.parked && p.owner.as_ref() == Some(node))
-            .map(|(req, _)| *req)
-            .collect();
-        for req in lost {
-            if let Some(pending) = self.publishes.remove(&req) {
-                pending.ack.unavailable();
-            }
+        let lost = remove_where(&mut self.publishes, |p| {
+            !p.parked && p.owner.as_ref() == Some(node)
+        });
+        for pending in lost {
+            pending.ack.unavailable();
         }
         // A subscription is safe to ask for again.
         for pending in self.subscribes.values_mut() {
@@ -1054,17 +1049,11 @@ impl Shard {
                 pending.parked = true;
             }
         }
-        let mut finished = Vec::new();
-        for (req, pending) in self.announces.iter_mut() {
+        for pending in self.announces.values_mut() {
             pending.waiting.remove(node);
-            if pending.waiting.is_empty() {
-                finished.push(*req);
-            }
         }
-        for req in finished {
-            if let Some(pending) = self.announces.remove(&req) {
-                pending.done.part_done();
-            }
+        for pending in remove_where(&mut self.announces, |p| p.waiting.is_empty()) {
+            pending.done.part_done();
         }
     }
 
@@ -1072,66 +1061,48 @@ impl Shard {
     /// behind) may take them now, without waiting for this node's ring to
     /// change again.
     fn retry_parked(&mut self) {
-        let parked: Vec<u64> = self
-            .publishes
-            .iter()
-            .filter(|(_, p)| p.parked)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in parked {
+        for req in reqs_where(&self.publishes, |p| p.parked) {
             self.send_publish(req);
         }
-        let parked: Vec<u64> = self
-            .subscribes
-            .iter()
-            .filter(|(_, p)| p.parked)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in parked {
+        for req in reqs_where(&self.subscribes, |p| p.parked) {
             self.send_subscribe(req);
         }
     }
 
     fn expire(&mut self, now: Instant) {
         self.retry_parked();
-        let expired: Vec<u64> = self
-            .publishes
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in expired {
-            if let Some(pending) = self.publishes.remove(&req) {
-                pending.ack.unavailable();
-            }
+        for pending in remove_where(&mut self.publishes, |p| p.deadline <= now) {
+            pending.ack.unavailable();
         }
-        let expired: Vec<u64> = self
-            .subscribes
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in expired {
-            if let Some(pending) = self.subscribes.remove(&req) {
-                METRICS.owner_unavailable.inc();
-                push_unavailable(&pending.session, pending.id);
-                self.drop_interest_if_unused(&pending.key);
-            }
+        for pending in remove_where(&mut self.subscribes, |p| p.deadline <= now) {
+            METRICS.owner_unavailable.inc();
+            push_unavailable(&pending.session, pending.id);
+            self.drop_interest_if_unused(&pending.key);
         }
         // A member that never acknowledged a wildcard gets it again when it
         // reconnects (peer_up); the subscriber is not held up longer.
-        let expired: Vec<u64> = self
-            .announces
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in expired {
-            if let Some(pending) = self.announces.remove(&req) {
-                pending.done.part_done();
-            }
+        for pending in remove_where(&mut self.announces, |p| p.deadline <= now) {
+            pending.done.part_done();
         }
     }
+}
+
+/// The ids of the pending requests `pick` selects, in request order.
+fn reqs_where<V>(pending: &BTreeMap<u64, V>, pick: impl Fn(&V) -> bool) -> Vec<u64> {
+    pending
+        .iter()
+        .filter(|(_, v)| pick(v))
+        .map(|(req, _)| *req)
+        .collect()
+}
+
+/// Removes and returns the pending requests `pick` selects, in request
+/// order.
+fn remove_where<V>(pending: &mut BTreeMap<u64, V>, pick: impl Fn(&V) -> bool) -> Vec<V> {
+    reqs_where(pending, pick)
+        .into_iter()
+        .filter_map(|req| pending.remove(&req))
+        .collect()
 }
 
 fn trace_context(trace: Option<&TraceParent>, tracestate: Option<String>) -> TraceContext {
