@@ -153,7 +153,7 @@ async fn run_one(scenario: &Scenario, target: Target, urls: Vec<String>) -> Resu
     match scenario {
         Scenario::Fanout(args) => {
             let mut args = args.clone();
-            args.target = target;
+            args.load.target = target;
             args.url = urls;
             let s = fanout::run(args).await?;
             let t = &s.tally;
@@ -176,7 +176,7 @@ async fn run_one(scenario: &Scenario, target: Target, urls: Vec<String>) -> Resu
         }
         Scenario::Topics(args) => {
             let mut args = args.clone();
-            args.target = target;
+            args.load.target = target;
             args.url = urls;
             let s = topics::run(args).await?;
             let t = &s.tally;

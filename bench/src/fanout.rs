@@ -12,70 +12,31 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::group::{DoneCommand, GroupReport, GroupSpec, Layout, ReadyReport};
+use crate::load::LoadArgs;
 use crate::payload;
 use crate::publisher::{self, PublishPlan, PublishReport};
-use crate::session::{Codec, ParseMode, SubscriberSettings, Target};
+use crate::session::{Codec, SubscriberSettings, Target};
 use crate::stats::{fmt_ns, new_histogram, DeliveryTally, LatencySummary};
 use crate::worker::{shares, Worker, WorkerSpec};
 
 /// Options of `herald-bench fanout`.
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
-    /// Broker protocol.
-    #[arg(long, value_enum, default_value = "herald")]
-    pub target: Target,
     /// WebSocket URL (repeatable; connections are spread round robin; the publisher uses the first).
     /// Default: ws://127.0.0.1:7400/ws for herald, ws://127.0.0.1:8080 for nats.
     #[arg(long)]
     pub url: Vec<String>,
-    /// Herald codec.
-    #[arg(long, value_enum, default_value = "json")]
-    pub codec: Codec,
-    /// How subscribers read Herald frames.
-    #[arg(long, value_enum, default_value = "scan")]
-    pub parse: ParseMode,
     /// Number of subscriber connections.
     #[arg(short = 's', long, default_value_t = 1000)]
     pub subscribers: usize,
     /// Number of messages to publish.
     #[arg(short = 'n', long, default_value_t = 10_000)]
     pub messages: u64,
-    /// Payload size in bytes.
-    #[arg(short = 'b', long, default_value_t = 64)]
-    pub payload_bytes: usize,
-    /// Messages per second; 0 publishes as fast as confirmations allow.
-    #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
-    /// Most unconfirmed messages in flight.
-    #[arg(long, default_value_t = 256)]
-    pub window: usize,
-    /// Child processes holding the subscribers.
-    #[arg(long, default_value_t = 1)]
-    pub sub_procs: usize,
-    /// Tokio worker threads per subscriber process.
-    #[arg(long, default_value_t = 2)]
-    pub sub_threads: usize,
     /// Topic (NATS subject); default: a fresh one per run.
     #[arg(long)]
     pub topic: Option<String>,
-    /// Pause between the last confirmed subscription and the first publish.
-    /// Default: 0 for herald (its `ok` means the subscription is live
-    /// cluster-wide), 1 s for nats with several URLs (a `PONG` only confirms
-    /// the local server; routes learn of the interest a little later).
-    #[arg(long)]
-    pub settle_secs: Option<f64>,
-    /// After publishing, stop waiting when no delivery arrived for this many seconds.
-    #[arg(long, default_value_t = 3.0)]
-    pub drain_secs: f64,
-    /// Give up on the whole run after this many seconds.
-    #[arg(long, default_value_t = 300.0)]
-    pub timeout_secs: f64,
-    /// Concurrent connection handshakes per subscriber process.
-    #[arg(long, default_value_t = 100)]
-    pub connect_concurrency: usize,
-    /// Also print the summary as one `JSON {...}` line.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// The figures of one run.
@@ -104,14 +65,14 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     if args.messages > 50_000_000 {
         bail!("--messages is capped at 50,000,000");
     }
-    if args.payload_bytes < payload::header_len(args.messages) {
+    if args.load.payload_bytes < payload::header_len(args.messages) {
         eprintln!(
             "note: payloads need {} bytes for index and timestamp; they will be that long",
             payload::header_len(args.messages)
         );
     }
     let urls = if args.url.is_empty() {
-        vec![args.target.default_url().to_string()]
+        vec![args.load.target.default_url().to_string()]
     } else {
         args.url.clone()
     };
@@ -123,13 +84,13 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
         )
     });
     let settings = SubscriberSettings {
-        target: args.target,
-        codec: args.codec,
-        parse: args.parse,
+        target: args.load.target,
+        codec: args.load.codec,
+        parse: args.load.parse,
     };
-    let timeout = Duration::from_secs_f64(args.timeout_secs);
+    let timeout = Duration::from_secs_f64(args.load.timeout_secs);
 
-    let procs = args.sub_procs.clamp(1, args.subscribers);
+    let procs = args.load.sub_procs.clamp(1, args.subscribers);
     let mut workers = Vec::with_capacity(procs);
     for (i, (offset, count)) in shares(args.subscribers, procs).into_iter().enumerate() {
         let spec = WorkerSpec::Group(GroupSpec {
@@ -141,10 +102,14 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
             },
             offset,
             count,
-            connect_concurrency: args.connect_concurrency,
-            deadline_secs: args.timeout_secs,
+            connect_concurrency: args.load.connect_concurrency,
+            deadline_secs: args.load.timeout_secs,
         });
-        workers.push(Worker::spawn(format!("subs-{i}"), &spec, args.sub_threads)?);
+        workers.push(Worker::spawn(
+            format!("subs-{i}"),
+            &spec,
+            args.load.sub_threads,
+        )?);
     }
 
     let mut ready = ReadyReport::default();
@@ -169,23 +134,23 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     if ready.subscribed == 0 {
         bail!("no subscriber could subscribe");
     }
-    settle(args.settle_secs, args.target, urls.len()).await;
+    settle(args.load.settle_secs, args.load.target, urls.len()).await;
 
     let plan = PublishPlan {
-        target: args.target,
-        codec: args.codec,
+        target: args.load.target,
+        codec: args.load.codec,
         url: urls[0].clone(),
         topics: vec![topic.clone()],
         counts: vec![args.messages],
-        payload_bytes: args.payload_bytes,
-        rate: args.rate,
-        window: args.window,
+        payload_bytes: args.load.payload_bytes,
+        rate: args.load.rate,
+        window: args.load.window,
         confirm_timeout: Duration::from_secs(30),
     };
     let published = publisher::publish(&plan).await;
     let done = DoneCommand {
         final_seqs: vec![published.as_ref().ok().and_then(|p| p.final_seq)],
-        drain_timeout_ms: (args.drain_secs * 1e3) as u64,
+        drain_timeout_ms: (args.load.drain_secs * 1e3) as u64,
     };
     for worker in &mut workers {
         worker.send("DONE", &done).await?;
@@ -210,13 +175,13 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     let delivery_secs = delivery_ns as f64 / 1e9;
     let publish_secs = publish.last_send_ns.saturating_sub(publish.first_send_ns) as f64 / 1e9;
     let summary = FanoutSummary {
-        target: args.target,
-        codec: (args.target == Target::Herald).then_some(args.codec),
+        target: args.load.target,
+        codec: (args.load.target == Target::Herald).then_some(args.load.codec),
         subscribers: args.subscribers,
         subscribed: ready.subscribed,
         messages: args.messages,
-        payload_bytes: args.payload_bytes,
-        rate: args.rate,
+        payload_bytes: args.load.payload_bytes,
+        rate: args.load.rate,
         publish,
         publish_secs,
         delivery_secs,
@@ -229,7 +194,7 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
         tally,
     };
     print_summary(&summary);
-    if args.json {
+    if args.load.json {
         println!("JSON {}", serde_json::to_string(&summary)?);
     }
     Ok(summary)

@@ -21,6 +21,7 @@ mod fanout;
 mod group;
 mod herald;
 mod idle;
+mod load;
 mod nats;
 mod payload;
 mod publisher;

@@ -23,9 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::fanout::settle;
 use crate::group::{DoneCommand, GroupReport, GroupSpec, Layout, ReadyReport, TopicIssue};
+use crate::load::LoadArgs;
 use crate::payload;
 use crate::publisher::{self, PublishPlan, PublishReport};
-use crate::session::{Codec, ParseMode, SubscriberSettings, Target};
+use crate::session::{Codec, SubscriberSettings, Target};
 use crate::stats::{fmt_ns, new_histogram, DeliveryTally, LatencySummary};
 use crate::worker::{shares, Worker, WorkerSpec};
 
@@ -35,20 +36,11 @@ const LISTED_ISSUES: usize = 20;
 /// Options of `herald-bench topics`.
 #[derive(Debug, Clone, Args)]
 pub struct TopicsArgs {
-    /// Broker protocol.
-    #[arg(long, value_enum, default_value = "herald")]
-    pub target: Target,
     /// WebSocket URL of each node (repeatable). Topic t's subscribers use
     /// URL t % U, its publisher URL (t + 1) % U.
     /// Default: ws://127.0.0.1:7400/ws for herald, ws://127.0.0.1:8080 for nats.
     #[arg(long)]
     pub url: Vec<String>,
-    /// Herald codec.
-    #[arg(long, value_enum, default_value = "json")]
-    pub codec: Codec,
-    /// How subscribers read Herald frames.
-    #[arg(long, value_enum, default_value = "scan")]
-    pub parse: ParseMode,
     /// Number of topics (NATS subjects).
     #[arg(short = 't', long, default_value_t = 1000)]
     pub topics: usize,
@@ -61,41 +53,11 @@ pub struct TopicsArgs {
     /// Messages to publish in all, spread evenly over the topics.
     #[arg(short = 'n', long, default_value_t = 20_000)]
     pub messages: u64,
-    /// Payload size in bytes.
-    #[arg(short = 'b', long, default_value_t = 64)]
-    pub payload_bytes: usize,
-    /// Messages per second over all publishers; 0 publishes as fast as confirmations allow.
-    #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
-    /// Most unconfirmed messages in flight per publisher connection.
-    #[arg(long, default_value_t = 256)]
-    pub window: usize,
-    /// Child processes holding the subscribers.
-    #[arg(long, default_value_t = 1)]
-    pub sub_procs: usize,
-    /// Tokio worker threads per subscriber process.
-    #[arg(long, default_value_t = 2)]
-    pub sub_threads: usize,
     /// Topic name prefix (topics are PREFIX.0, PREFIX.1, ...); default: a fresh one per run.
     #[arg(long)]
     pub prefix: Option<String>,
-    /// Pause between the last confirmed subscription and the first publish.
-    /// Default: 0 for herald, 1 s for nats with several URLs (route interest
-    /// propagates after the local `PONG`).
-    #[arg(long)]
-    pub settle_secs: Option<f64>,
-    /// After publishing, stop waiting when no delivery arrived for this many seconds.
-    #[arg(long, default_value_t = 3.0)]
-    pub drain_secs: f64,
-    /// Give up on the whole run after this many seconds.
-    #[arg(long, default_value_t = 300.0)]
-    pub timeout_secs: f64,
-    /// Concurrent connection handshakes per subscriber process.
-    #[arg(long, default_value_t = 100)]
-    pub connect_concurrency: usize,
-    /// Also print the summary as one `JSON {...}` line.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// Topic names, message counts, and which URL and publisher each topic gets.
@@ -206,7 +168,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         .filter(|&s| s <= 1_000_000)
         .ok_or_else(|| anyhow::anyhow!("topics x subscribers per topic is capped at 1,000,000"))?;
     let urls = if args.url.is_empty() {
-        vec![args.target.default_url().to_string()]
+        vec![args.load.target.default_url().to_string()]
     } else {
         args.url.clone()
     };
@@ -237,18 +199,18 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         messages: args.messages,
     };
     let max_per_topic = layout.messages_of(0);
-    if args.payload_bytes < payload::header_len(max_per_topic) {
+    if args.load.payload_bytes < payload::header_len(max_per_topic) {
         eprintln!(
             "note: payloads need {} bytes for index and timestamp; they will be that long",
             payload::header_len(max_per_topic)
         );
     }
     let settings = SubscriberSettings {
-        target: args.target,
-        codec: args.codec,
-        parse: args.parse,
+        target: args.load.target,
+        codec: args.load.codec,
+        parse: args.load.parse,
     };
-    let timeout = Duration::from_secs_f64(args.timeout_secs);
+    let timeout = Duration::from_secs_f64(args.load.timeout_secs);
 
     // The publish plans, one per connection, built first so that a bad
     // layout fails before any connection opens.
@@ -256,14 +218,14 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         .map(|p| {
             (
                 PublishPlan {
-                    target: args.target,
-                    codec: args.codec,
+                    target: args.load.target,
+                    codec: args.load.codec,
                     url: urls[p % urls.len()].clone(),
                     topics: Vec::new(),
                     counts: Vec::new(),
-                    payload_bytes: args.payload_bytes,
+                    payload_bytes: args.load.payload_bytes,
                     rate: 0.0,
-                    window: args.window,
+                    window: args.load.window,
                     confirm_timeout: Duration::from_secs(30),
                 },
                 Vec::new(),
@@ -279,7 +241,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
     plans.retain(|(plan, _)| !plan.topics.is_empty());
     for (plan, _) in &mut plans {
         let share: u64 = plan.counts.iter().sum();
-        plan.rate = args.rate * share as f64 / args.messages as f64;
+        plan.rate = args.load.rate * share as f64 / args.messages as f64;
     }
     let mut per_url = vec![(0usize, 0usize, 0u64); urls.len()];
     for t in 0..layout.topics {
@@ -297,7 +259,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         );
     }
 
-    let procs = args.sub_procs.clamp(1, subscribers);
+    let procs = args.load.sub_procs.clamp(1, subscribers);
     let mut workers = Vec::with_capacity(procs);
     for (i, (offset, count)) in shares(subscribers, procs).into_iter().enumerate() {
         let spec = WorkerSpec::Group(GroupSpec {
@@ -306,10 +268,14 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
             layout: Layout::Topics(layout.clone()),
             offset,
             count,
-            connect_concurrency: args.connect_concurrency,
-            deadline_secs: args.timeout_secs,
+            connect_concurrency: args.load.connect_concurrency,
+            deadline_secs: args.load.timeout_secs,
         });
-        workers.push(Worker::spawn(format!("subs-{i}"), &spec, args.sub_threads)?);
+        workers.push(Worker::spawn(
+            format!("subs-{i}"),
+            &spec,
+            args.load.sub_threads,
+        )?);
     }
 
     let mut ready = ReadyReport::default();
@@ -334,7 +300,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
     if ready.subscribed == 0 {
         bail!("no subscriber could subscribe");
     }
-    settle(args.settle_secs, args.target, urls.len()).await;
+    settle(args.load.settle_secs, args.load.target, urls.len()).await;
 
     let mut tasks = Vec::with_capacity(plans.len());
     for (plan, ids) in plans {
@@ -382,7 +348,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
     }
     let done = DoneCommand {
         final_seqs,
-        drain_timeout_ms: (args.drain_secs * 1e3) as u64,
+        drain_timeout_ms: (args.load.drain_secs * 1e3) as u64,
     };
     for worker in &mut workers {
         worker.send("DONE", &done).await?;
@@ -437,8 +403,8 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
     });
     worst.truncate(LISTED_ISSUES);
     let summary = TopicsSummary {
-        target: args.target,
-        codec: (args.target == Target::Herald).then_some(args.codec),
+        target: args.load.target,
+        codec: (args.load.target == Target::Herald).then_some(args.load.codec),
         urls: urls.len(),
         topics: layout.topics,
         subscribers_per_topic: layout.per_topic,
@@ -446,8 +412,8 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         subscribers,
         subscribed: ready.subscribed,
         messages: args.messages,
-        payload_bytes: args.payload_bytes,
-        rate: args.rate,
+        payload_bytes: args.load.payload_bytes,
+        rate: args.load.rate,
         publish,
         publish_secs,
         delivery_secs,
@@ -466,7 +432,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         issues: worst,
     };
     print_summary(&summary, &layout);
-    if args.json {
+    if args.load.json {
         println!("JSON {}", serde_json::to_string(&summary)?);
     }
     Ok(summary)
