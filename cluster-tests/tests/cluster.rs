@@ -195,6 +195,17 @@ impl Subscriber {
     }
 
     /// The `seq` with which `data` arrived.
+    /// Fails unless `data` arrived with the seq its publisher was acked.
+    fn check_acked_seq(&self, data: &str, seq: u64) -> Result<()> {
+        ensure!(
+            self.seq_of(data) == Some(seq),
+            "{}: {data} acked with seq {seq}, received with {:?}",
+            self.name,
+            self.seq_of(data)
+        );
+        Ok(())
+    }
+
     fn seq_of(&self, data: &str) -> Option<u64> {
         self.got
             .iter()
@@ -348,12 +359,7 @@ async fn every_pair_of_nodes_delivers_both_ways_in_order() -> Result<()> {
         sub.check_order(false)?;
         ensure!(sub.got.len() == want.len(), "{}: extra messages", sub.name);
         for (d, seq) in &acked {
-            ensure!(
-                sub.seq_of(d) == Some(*seq),
-                "{}: {d} acked with seq {seq}, received with {:?}",
-                sub.name,
-                sub.seq_of(d)
-            );
+            sub.check_acked_seq(d, *seq)?;
         }
         // Per topic: n1's two, n2's two, n3's two, in that order.
         for (topic, list) in sub.per_topic() {
@@ -672,12 +678,7 @@ async fn a_fourth_node_joins_while_delivery_goes_on() -> Result<()> {
             eprintln!("during the join, {note}");
         }
         for (d, seq) in &after {
-            ensure!(
-                sub.seq_of(d) == Some(*seq),
-                "{}: {d} acked with seq {seq}, received with {:?}",
-                sub.name,
-                sub.seq_of(d)
-            );
+            sub.check_acked_seq(d, *seq)?;
         }
     }
     Ok(())
@@ -850,12 +851,7 @@ async fn kill_scenario(moved: MovedTopics) -> Result<()> {
         }
         for (d, (topic, seq)) in &last {
             if checked(topic) || sub.name.starts_with("wild") {
-                ensure!(
-                    sub.seq_of(d) == Some(*seq),
-                    "{}: {d} acked with seq {seq}, received with {:?}",
-                    sub.name,
-                    sub.seq_of(d)
-                );
+                sub.check_acked_seq(d, *seq)?;
             }
         }
     }
@@ -949,12 +945,7 @@ async fn a_restarted_node_rejoins_with_a_new_generation() -> Result<()> {
             eprintln!("across the restart, {note}");
         }
         for (d, seq) in &want {
-            ensure!(
-                sub.seq_of(d) == Some(*seq),
-                "{}: {d} acked with seq {seq}, received with {:?}",
-                sub.name,
-                sub.seq_of(d)
-            );
+            sub.check_acked_seq(d, *seq)?;
         }
     }
     Ok(())
