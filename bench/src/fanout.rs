@@ -112,28 +112,7 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
         )?);
     }
 
-    let mut ready = ReadyReport::default();
-    for worker in &mut workers {
-        let r: ReadyReport = worker.expect("READY", timeout).await?;
-        ready.subscribed += r.subscribed;
-        ready.failed += r.failed;
-        if ready.first_error.is_none() {
-            ready.first_error = r.first_error;
-        }
-    }
-    eprintln!(
-        "{} subscribers ready ({} failed){}",
-        ready.subscribed,
-        ready.failed,
-        ready
-            .first_error
-            .as_deref()
-            .map(|e| format!("; first error: {e}"))
-            .unwrap_or_default()
-    );
-    if ready.subscribed == 0 {
-        bail!("no subscriber could subscribe");
-    }
+    let ready = ReadyReport::gather(&mut workers, timeout).await?;
     settle(args.load.settle_secs, args.load.target, urls.len()).await;
 
     let plan = PublishPlan {

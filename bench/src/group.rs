@@ -87,6 +87,39 @@ pub struct ReadyReport {
     pub first_error: Option<String>,
 }
 
+impl ReadyReport {
+    /// Waits for every worker's `READY`, sums them and prints the total;
+    /// fails when no subscriber at all could subscribe.
+    pub async fn gather(
+        workers: &mut [crate::worker::Worker],
+        timeout: Duration,
+    ) -> Result<ReadyReport> {
+        let mut ready = ReadyReport::default();
+        for worker in workers.iter_mut() {
+            let r: ReadyReport = worker.expect("READY", timeout).await?;
+            ready.subscribed += r.subscribed;
+            ready.failed += r.failed;
+            if ready.first_error.is_none() {
+                ready.first_error = r.first_error;
+            }
+        }
+        eprintln!(
+            "{} subscribers ready ({} failed){}",
+            ready.subscribed,
+            ready.failed,
+            ready
+                .first_error
+                .as_deref()
+                .map(|e| format!("; first error: {e}"))
+                .unwrap_or_default()
+        );
+        if ready.subscribed == 0 {
+            anyhow::bail!("no subscriber could subscribe");
+        }
+        Ok(ready)
+    }
+}
+
 /// `DONE`: the publishers finished.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DoneCommand {
