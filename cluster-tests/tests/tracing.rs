@@ -1,5 +1,6 @@
 //! Distributed tracing end to end: a 3-node cluster exporting spans over
-//! OTLP/HTTP to a receiver in the test. One traced publish must make ONE
+//! OTLP (http/protobuf, and gRPC) to a receiver in the test. One traced
+//! publish must make ONE
 //! trace: `herald.publish` on the node that took it (child of the client's
 //! span), `herald.sequence` on the topic's owner (child of the publish),
 //! and a `herald.deliver` on every node with a subscriber (children of the
@@ -9,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use cluster_tests::otlp::{describe, OtlpReceiver, ReceivedSpan};
+use cluster_tests::otlp::{describe, OtlpProtocol, OtlpReceiver, ReceivedSpan};
 use cluster_tests::{Cluster, Node, WsClient, QUIET};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use serde_json::{json, Value};
@@ -17,11 +18,11 @@ use serde_json::{json, Value};
 /// Spans are batched every 100 ms; allow for slow machines.
 const SPANS_TIMEOUT: Duration = Duration::from_secs(20);
 
-async fn traced_cluster(receiver: &OtlpReceiver) -> Result<Cluster> {
+async fn traced_cluster(receiver: &OtlpReceiver, protocol: OtlpProtocol) -> Result<Cluster> {
     let endpoint = receiver.endpoint();
     Cluster::start(3, |b| {
         b.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.env_value())
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .env("OTEL_TRACES_SAMPLER_ARG", "1.0")
     })
@@ -89,14 +90,36 @@ fn one<'a>(spans: &'a [ReceivedSpan], name: &str) -> Result<&'a ReceivedSpan> {
     }
 }
 
+/// Warnings and errors of the OpenTelemetry crates in a node's (text) log:
+/// an export that failed, or a reply the exporter did not accept.
+fn export_failures(node: &Node) -> Vec<String> {
+    node.log()
+        .lines()
+        .filter(|l| l.contains("opentelemetry") && (l.contains("WARN") || l.contains("ERROR")))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn count(spans: &[ReceivedSpan], name: &str) -> usize {
     spans.iter().filter(|s| s.name == name).count()
 }
 
 #[tokio::test]
 async fn one_publish_makes_one_trace_across_the_cluster() -> Result<()> {
+    one_publish_one_trace(OtlpProtocol::HttpProtobuf).await
+}
+
+#[tokio::test]
+async fn one_publish_makes_one_trace_exported_over_grpc() -> Result<()> {
+    one_publish_one_trace(OtlpProtocol::Grpc).await
+}
+
+/// Subscribers on every node, one traced publish on a node that does not
+/// own the topic, spans exported with `protocol`: the trace of 5 spans
+/// described at the top, every one of them received over `protocol`.
+async fn one_publish_one_trace(protocol: OtlpProtocol) -> Result<()> {
     let receiver = OtlpReceiver::start().await?;
-    let cluster = traced_cluster(&receiver).await?;
+    let cluster = traced_cluster(&receiver, protocol).await?;
     let topic = "traced.orders";
     let mut subscribers = subscribe_everywhere(&cluster, topic).await?;
 
@@ -147,6 +170,17 @@ async fn one_publish_makes_one_trace_across_the_cluster() -> Result<()> {
         .await?;
     // Nothing more of this trace should straggle in.
     tokio::time::sleep(QUIET).await;
+    // The receiver's answers were understood: no exporter complained.
+    for node in &cluster.nodes {
+        let failures = export_failures(node);
+        ensure!(
+            failures.is_empty(),
+            "node {} logged export failures over {}:\n{}",
+            node.id(),
+            protocol.env_value(),
+            failures.join("\n")
+        );
+    }
     let trace = receiver.trace(&trace_id);
     let others: Vec<&ReceivedSpan> = spans
         .iter()
@@ -230,6 +264,14 @@ async fn one_publish_makes_one_trace_across_the_cluster() -> Result<()> {
 
     for span in &trace {
         ensure!(
+            span.protocol == protocol,
+            "{} from {:?} arrived over {}, the nodes were told to use {}",
+            span.name,
+            span.instance_id(),
+            span.protocol.env_value(),
+            protocol.env_value()
+        );
+        ensure!(
             span.service_name() == Some("herald"),
             "service.name {:?}",
             span.service_name()
@@ -281,7 +323,7 @@ async fn one_publish_makes_one_trace_across_the_cluster() -> Result<()> {
 #[tokio::test]
 async fn untraced_and_unsampled_publishes() -> Result<()> {
     let receiver = OtlpReceiver::start().await?;
-    let cluster = traced_cluster(&receiver).await?;
+    let cluster = traced_cluster(&receiver, OtlpProtocol::HttpProtobuf).await?;
     let topic = "traced.misc";
     let mut subscribers = subscribe_everywhere(&cluster, topic).await?;
     let mut publisher = cluster.nodes[1].ws().await?;
@@ -371,7 +413,10 @@ async fn spans_still_queued_are_flushed_at_shutdown() -> Result<()> {
     let mut node = cluster_tests::NodeBuilder::new("solo")
         .args(["--node-drain-grace", "200ms"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env(
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            OtlpProtocol::HttpProtobuf.env_value(),
+        )
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
         .env("OTEL_SERVICE_NAME", "herald-solo")
         .start()
