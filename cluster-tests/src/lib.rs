@@ -17,7 +17,7 @@ pub mod ws;
 
 pub use certs::{Ca, NodeCert};
 pub use http::HttpResponse;
-pub use metrics::Metrics;
+pub use metrics::{Metrics, PeerMetrics};
 pub use node::{herald_bin, Cluster, Node, NodeBuilder};
 pub use ws::{b64, check_err, mp_bin, seq_epoch, Codec, Ended, WsClient, WsConnect, MSGPACK};
 

@@ -1,5 +1,7 @@
 //! A small reader for the Prometheus text format served at `/metrics`.
 
+use std::collections::BTreeMap;
+
 /// One sample: metric name, label pairs, value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -58,6 +60,60 @@ impl Metrics {
             .filter(|s| s.labels.iter().any(|(k, v)| k == label && v == value))
             .map(|s| s.value)
             .sum()
+    }
+}
+
+/// One peer's `herald_peer_*{peer="..."}` samples in one scrape (a
+/// counter absent from the scrape reads 0).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PeerMetrics {
+    /// `herald_peer_connected`: 1 while the QUIC connection is up.
+    pub connected: f64,
+    /// `herald_peer_rtt_seconds`, served only while connected.
+    pub rtt_seconds: Option<f64>,
+    pub sent_bytes: f64,
+    pub sent_frames: f64,
+    pub received_bytes: f64,
+    pub received_frames: f64,
+    pub reconnects: f64,
+}
+
+impl Metrics {
+    /// The value of the sample of `name` whose label `label` is `value`,
+    /// if the scrape has one.
+    pub fn sample(&self, name: &str, label: &str, value: &str) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels.iter().any(|(k, v)| k == label && v == value))
+            .map(|s| s.value)
+    }
+
+    /// The per-peer families, by peer id (every peer named by a
+    /// `herald_peer_*` sample).
+    pub fn peers(&self) -> BTreeMap<String, PeerMetrics> {
+        let ids: Vec<&str> = self
+            .samples
+            .iter()
+            .filter(|s| s.name.starts_with("herald_peer_"))
+            .flat_map(|s| s.labels.iter())
+            .filter(|(k, _)| k == "peer")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        ids.into_iter()
+            .map(|id| {
+                let counter = |name: &str| self.sample(name, "peer", id).unwrap_or(0.0);
+                let peer = PeerMetrics {
+                    connected: counter("herald_peer_connected"),
+                    rtt_seconds: self.sample("herald_peer_rtt_seconds", "peer", id),
+                    sent_bytes: counter("herald_peer_sent_bytes_total"),
+                    sent_frames: counter("herald_peer_sent_frames_total"),
+                    received_bytes: counter("herald_peer_received_bytes_total"),
+                    received_frames: counter("herald_peer_received_frames_total"),
+                    reconnects: counter("herald_peer_reconnects_total"),
+                };
+                (id.to_owned(), peer)
+            })
+            .collect()
     }
 }
 
@@ -137,5 +193,27 @@ mod tests {
         assert_eq!(m.labeled("herald_disconnects_total", "x", "a b"), 5.0);
         assert!(m.has("herald_connections"));
         assert!(!m.has("herald_topics"));
+    }
+
+    #[test]
+    fn reads_the_per_peer_families() {
+        let m = Metrics::parse(
+            "herald_connections 3\n\
+             herald_peer_connected{peer=\"n2\"} 1\nherald_peer_connected{peer=\"n3\"} 0\n\
+             herald_peer_rtt_seconds{peer=\"n2\"} 0.00025\n\
+             herald_peer_sent_bytes_total{peer=\"n2\"} 40\nherald_peer_sent_frames_total{peer=\"n2\"} 3\n\
+             herald_peer_received_bytes_total{peer=\"n3\"} 30\nherald_peer_reconnects_total{peer=\"n3\"} 2\n",
+        );
+        let peers = m.peers();
+        assert_eq!(peers.keys().collect::<Vec<_>>(), ["n2", "n3"]);
+        let n2 = peers["n2"];
+        assert_eq!((n2.connected, n2.rtt_seconds), (1.0, Some(0.00025)));
+        assert_eq!(
+            (n2.sent_bytes, n2.sent_frames, n2.reconnects),
+            (40.0, 3.0, 0.0)
+        );
+        let n3 = peers["n3"];
+        assert_eq!((n3.connected, n3.rtt_seconds), (0.0, None));
+        assert_eq!((n3.received_bytes, n3.reconnects), (30.0, 2.0));
     }
 }

@@ -3,6 +3,8 @@
 //! wildcards and queue groups across nodes, a node joining, a node killed
 //! (-9), restarted with the same id, frozen (an owner outage), and nodes
 //! that must stay out (another CA, another cluster name, no TLS at all).
+//! Each node's per-peer link metrics (`herald_peer_*{peer}` on `/metrics`)
+//! are checked against the traffic and a kill -9 and restart.
 //!
 //! Tests cannot ask which node owns a topic, so they use many topics (the
 //! ring is deterministic: the same names always land on the same nodes),
@@ -19,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cluster_tests::node::{member_generation, member_state, ring_owners, CONVERGE_TIMEOUT};
-use cluster_tests::{check_err, seq_epoch, Ca, Cluster, Node, NodeBuilder, WsClient, QUIET};
+use cluster_tests::{
+    check_err, seq_epoch, Ca, Cluster, Node, NodeBuilder, PeerMetrics, WsClient, QUIET,
+};
 use serde_json::{json, Value};
 
 /// How long a killed node may take to stop mattering: every topic accepts
@@ -948,6 +952,261 @@ async fn a_restarted_node_rejoins_with_a_new_generation() -> Result<()> {
             sub.check_acked_seq(d, *seq)?;
         }
     }
+    Ok(())
+}
+
+/// Every live node's per-peer metrics: node id, then peer id.
+type PeerView = BTreeMap<String, BTreeMap<String, PeerMetrics>>;
+
+/// How long links may take to come up, and counters to settle.
+const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn peer_view(cluster: &Cluster) -> Result<PeerView> {
+    let mut view = BTreeMap::new();
+    for node in cluster.live() {
+        view.insert(node.id().to_owned(), node.metrics().await?.peers());
+    }
+    Ok(view)
+}
+
+/// Scrapes every live node until `check` accepts the view, for at most
+/// `timeout`; the error carries `check`'s last complaint and the view.
+async fn wait_peer_view(
+    cluster: &Cluster,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&PeerView) -> Result<()>,
+) -> Result<PeerView> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let view = peer_view(cluster).await?;
+        match check(&view) {
+            Ok(()) => return Ok(view),
+            Err(e) if Instant::now() > deadline => {
+                bail!("{what}: not within {timeout:?}: {e:#}\nper-peer metrics: {view:#?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The counters of a view (the RTT moves by itself).
+fn peer_counters(view: &PeerView) -> BTreeMap<(&str, &str), [f64; 5]> {
+    view.iter()
+        .flat_map(|(node, peers)| {
+            peers.iter().map(move |(peer, m)| {
+                let counters = [
+                    m.sent_frames,
+                    m.sent_bytes,
+                    m.received_frames,
+                    m.received_bytes,
+                    m.reconnects,
+                ];
+                ((node.as_str(), peer.as_str()), counters)
+            })
+        })
+        .collect()
+}
+
+/// A view once no frame is in flight: two scrapes [`QUIET`] apart count
+/// the same (the cluster sends no frames of its own while idle).
+async fn settled_peer_view(cluster: &Cluster) -> Result<PeerView> {
+    let deadline = Instant::now() + LINK_TIMEOUT;
+    let mut last = peer_view(cluster).await?;
+    loop {
+        tokio::time::sleep(QUIET).await;
+        let view = peer_view(cluster).await?;
+        if peer_counters(&view) == peer_counters(&last) {
+            return Ok(view);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "per-peer counters still moving after {LINK_TIMEOUT:?}: {view:#?}"
+        );
+        last = view;
+    }
+}
+
+/// Each node lists exactly the other nodes of `ids`, connected, with a
+/// measured RTT (loopback: above 0, far below a second).
+fn all_linked(ids: &BTreeSet<String>, view: &PeerView) -> Result<()> {
+    for (node, peers) in view {
+        let others: BTreeSet<&String> = ids.iter().filter(|id| *id != node).collect();
+        let listed: BTreeSet<&String> = peers.keys().collect();
+        ensure!(listed == others, "{node} lists peers {listed:?}");
+        for (peer, m) in peers {
+            ensure!(m.connected == 1.0, "{node}: {peer} not connected: {m:?}");
+            ensure!(
+                m.rtt_seconds.is_some_and(|rtt| rtt > 0.0 && rtt < 1.0),
+                "{node}: {peer} RTT {:?}",
+                m.rtt_seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+/// From `before` to `now`, every link carried frames both ways; what one
+/// end counts as sent the other counts as received (frames and bytes,
+/// each frame at least one byte plus its 4-byte length); no link
+/// reconnected.
+fn traffic_counted(before: &PeerView, now: &PeerView) -> Result<()> {
+    let delta = |node: &str, peer: &str| -> Result<(PeerMetrics, PeerMetrics)> {
+        let was = before
+            .get(node)
+            .and_then(|p| p.get(peer))
+            .with_context(|| format!("{node} did not list {peer} before"))?;
+        let is = now
+            .get(node)
+            .and_then(|p| p.get(peer))
+            .with_context(|| format!("{node} does not list {peer}"))?;
+        Ok((*was, *is))
+    };
+    for (node, peers) in now {
+        for peer in peers.keys() {
+            let (was, is) = delta(node, peer)?;
+            let (their_was, their_is) = delta(peer, node)?;
+            let sent = (
+                is.sent_frames - was.sent_frames,
+                is.sent_bytes - was.sent_bytes,
+            );
+            let got = (
+                their_is.received_frames - their_was.received_frames,
+                their_is.received_bytes - their_was.received_bytes,
+            );
+            ensure!(
+                sent.0 > 0.0 && is.received_frames > was.received_frames,
+                "{node} ↔ {peer}: no frames counted both ways: {was:?} then {is:?}"
+            );
+            ensure!(
+                sent.1 >= 5.0 * sent.0,
+                "{node} → {peer}: {} bytes for {} frames",
+                sent.1,
+                sent.0
+            );
+            ensure!(
+                sent == got,
+                "{node} sent {peer} {sent:?} (frames, bytes), {peer} received {got:?}"
+            );
+            ensure!(
+                is.reconnects == was.reconnects,
+                "{node} → {peer} reconnected: {was:?} then {is:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Subscribers on every live node to topics of every owner, a publish to
+/// each topic from every live node, all delivered everywhere: Publish and
+/// Published frames from each node to each owner and back, Deliver frames
+/// from each owner to each other node.
+async fn cross_traffic(cluster: &Cluster, round: &str) -> Result<()> {
+    let topics = topics(&format!("links-{round}"), 30);
+    let mut subs = Vec::new();
+    for node in cluster.live() {
+        let mut sub = Subscriber::connect(node, round).await?;
+        sub.sub_all(&topics).await?;
+        subs.push(sub);
+    }
+    let mut want = BTreeSet::new();
+    for node in cluster.live() {
+        let mut publisher = node.ws().await?;
+        let items: Vec<(String, String)> = topics
+            .iter()
+            .map(|t| (t.clone(), data(node.id(), t, 0)))
+            .collect();
+        publish_acked(&mut publisher, &items).await?;
+        want.extend(items.into_iter().map(|(_, d)| d));
+    }
+    every_node_owns_topics(cluster).await?;
+    for sub in &mut subs {
+        sub.wait_for(&want, DELIVERY_TIMEOUT).await?;
+    }
+    Ok(())
+}
+
+/// Once the links are idle, [`cross_traffic`], then waits until every
+/// link is up and counted it ([`traffic_counted`]); returns that view.
+async fn counted_traffic(cluster: &Cluster, round: &str) -> Result<PeerView> {
+    let ids = cluster.live_ids();
+    let before = settled_peer_view(cluster).await?;
+    cross_traffic(cluster, round).await?;
+    let what = format!("the {round} traffic counted on every link");
+    wait_peer_view(cluster, &what, LINK_TIMEOUT, |v| {
+        all_linked(&ids, v)?;
+        traffic_counted(&before, v)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn per_peer_metrics_follow_the_traffic_and_a_restart() -> Result<()> {
+    let mut cluster = Cluster::start(3, |b| b).await?;
+    let ids = cluster.live_ids();
+    wait_peer_view(
+        &cluster,
+        "every node linked to both others",
+        LINK_TIMEOUT,
+        |v| all_linked(&ids, v),
+    )
+    .await?;
+    let after = counted_traffic(&cluster, "first").await?;
+
+    // kill -9 n3: both survivors see its link go down (idle timeout) and
+    // keep theirs.
+    cluster.kill9(2).await?;
+    let survivors = [("n1", "n2"), ("n2", "n1")];
+    wait_peer_view(&cluster, "n3 down on the survivors", FAILOVER_BOUND, |v| {
+        for (node, other) in survivors {
+            let peers = v.get(node).with_context(|| format!("no view of {node}"))?;
+            let n3 = peers.get("n3").context("n3 no longer listed")?;
+            ensure!(
+                n3.connected == 0.0 && n3.rtt_seconds.is_none(),
+                "{node}: n3 {n3:?}"
+            );
+            let link = peers
+                .get(other)
+                .with_context(|| format!("{other} not listed"))?;
+            ensure!(link.connected == 1.0, "{node}: {other} {link:?}");
+        }
+        Ok(())
+    })
+    .await?;
+
+    // Restarted, n3 is linked again: the survivors count a reconnection
+    // (and none between themselves), and their counters for n3 carried on.
+    cluster.restart(2).await?;
+    cluster.wait_converged(CONVERGE_TIMEOUT).await?;
+    wait_peer_view(&cluster, "n3 linked again", LINK_TIMEOUT, |v| {
+        all_linked(&ids, v)?;
+        for (node, other) in survivors {
+            let (was, is) = (after[node]["n3"], v[node]["n3"]);
+            ensure!(
+                is.reconnects > was.reconnects,
+                "{node}: n3 reconnects {} then {}",
+                was.reconnects,
+                is.reconnects
+            );
+            ensure!(
+                is.sent_frames >= was.sent_frames
+                    && is.sent_bytes >= was.sent_bytes
+                    && is.received_frames >= was.received_frames
+                    && is.received_bytes >= was.received_bytes,
+                "{node}: n3 counters went back: {was:?} then {is:?}"
+            );
+            let (was, is) = (after[node][other], v[node][other]);
+            ensure!(
+                is.reconnects == was.reconnects,
+                "{node}: {other} reconnected: {was:?} then {is:?}"
+            );
+        }
+        Ok(())
+    })
+    .await?;
+
+    // The new links count traffic like the old ones.
+    counted_traffic(&cluster, "second").await?;
     Ok(())
 }
 
