@@ -10,14 +10,13 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
 use memchr::memmem::Finder;
 use rmpv::ValueRef;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::payload;
-use crate::session::{close_code, Codec, Delivery, FrameOutcome, ParseMode, SubscriberConn};
-use crate::ws::{self, BufferProfile, Ws};
+use crate::session::{Codec, Delivery, FrameOutcome, ParseMode, SubscriberConn};
+use crate::ws::{BufferProfile, Incoming, SubscriberWs};
 
 /// How long a subscription may take to be confirmed.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -310,7 +309,7 @@ fn value_str<'a>(value: &'a ValueRef<'a>) -> Option<&'a str> {
 
 /// A Herald connection subscribed to one topic.
 pub struct HeraldSubscriber {
-    ws: Ws,
+    ws: SubscriberWs,
     parser: FrameParser,
     replies: Vec<Reply>,
     ok_seq: Option<u64>,
@@ -325,7 +324,7 @@ impl HeraldSubscriber {
         topic: &str,
         profile: BufferProfile,
     ) -> Result<Self> {
-        let ws = ws::connect(url, Some(subprotocol(codec)), profile).await?;
+        let ws = SubscriberWs::connect(url, Some(subprotocol(codec)), profile).await?;
         let mut sub = HeraldSubscriber {
             ws,
             parser: FrameParser { codec, mode },
@@ -333,8 +332,12 @@ impl HeraldSubscriber {
             ok_seq: None,
         };
         const SUB_ID: u64 = 1;
+        let (sub_request, binary) = match encode_sub(codec, SUB_ID, topic) {
+            Message::Text(text) => (text.as_bytes().to_vec(), false),
+            other => (other.into_data().to_vec(), true),
+        };
         sub.ws
-            .send(encode_sub(codec, SUB_ID, topic))
+            .send(&sub_request, binary)
             .await
             .context("sending sub")?;
         let confirmed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
@@ -373,34 +376,22 @@ impl SubscriberConn for HeraldSubscriber {
     }
 
     async fn next_frame(&mut self, out: &mut Vec<Delivery>) -> Result<FrameOutcome> {
-        loop {
-            let Some(message) = self.ws.next().await else {
-                return Ok(FrameOutcome::Closed { code: None });
-            };
-            let message = message.context("reading from herald")?;
-            let frame: &[u8] = match &message {
-                Message::Text(text) => text.as_bytes(),
-                Message::Binary(bytes) => bytes,
-                Message::Close(frame) => {
-                    return Ok(FrameOutcome::Closed {
-                        code: close_code(frame.as_ref()),
-                    })
-                }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            };
-            self.replies.clear();
-            self.parser.parse(frame, out, &mut self.replies)?;
-            let server_errors = self
-                .replies
-                .iter()
-                .filter(|r| matches!(r, Reply::Err { .. }))
-                .count() as u32;
-            return Ok(FrameOutcome::Data { server_errors });
-        }
+        let frame = match self.ws.next().await.context("reading from herald")? {
+            Incoming::Data(frame) => frame,
+            Incoming::Closed(code) => return Ok(FrameOutcome::Closed { code }),
+        };
+        self.replies.clear();
+        self.parser.parse(&frame, out, &mut self.replies)?;
+        let server_errors = self
+            .replies
+            .iter()
+            .filter(|r| matches!(r, Reply::Err { .. }))
+            .count() as u32;
+        Ok(FrameOutcome::Data { server_errors })
     }
 
     async fn close(mut self) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close()).await;
     }
 }
 

@@ -10,13 +10,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::{Buf, BytesMut};
-use futures_util::{SinkExt, StreamExt};
 use memchr::memmem;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::payload;
-use crate::session::{close_code, Delivery, FrameOutcome, SubscriberConn};
-use crate::ws::{self, BufferProfile, Ws};
+use crate::session::{Delivery, FrameOutcome, SubscriberConn};
+use crate::ws::{BufferProfile, Incoming, SubscriberWs};
 
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -121,31 +119,24 @@ pub struct Closed(pub Option<u16>);
 
 /// Reads one frame from a NATS WebSocket and appends its complete operations
 /// to `events`; `Ok(Some(Closed))` when the connection ended.
-pub async fn read_events(
-    ws: &mut Ws,
+async fn read_events(
+    ws: &mut SubscriberWs,
     parser: &mut NatsParser,
     events: &mut Vec<NatsEvent>,
 ) -> Result<Option<Closed>> {
-    loop {
-        let Some(message) = ws.next().await else {
-            return Ok(Some(Closed(None)));
-        };
-        match message.context("reading from nats")? {
-            Message::Binary(bytes) => parser.feed(&bytes),
-            Message::Text(text) => parser.feed(text.as_bytes()),
-            Message::Close(frame) => return Ok(Some(Closed(close_code(frame.as_ref())))),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-        }
-        while let Some(event) = parser.next_event()? {
-            events.push(event);
-        }
-        return Ok(None);
+    match ws.next().await.context("reading from nats")? {
+        Incoming::Data(bytes) => parser.feed(&bytes),
+        Incoming::Closed(code) => return Ok(Some(Closed(code))),
     }
+    while let Some(event) = parser.next_event()? {
+        events.push(event);
+    }
+    Ok(None)
 }
 
 /// A NATS connection subscribed to one subject.
 pub struct NatsSubscriber {
-    ws: Ws,
+    ws: SubscriberWs,
     parser: NatsParser,
     events: Vec<NatsEvent>,
 }
@@ -153,7 +144,7 @@ pub struct NatsSubscriber {
 impl NatsSubscriber {
     /// Connects, sends `CONNECT`, `SUB subject 1` and `PING`, and waits for the `PONG`.
     pub async fn open(url: &str, subject: &str, profile: BufferProfile) -> Result<Self> {
-        let ws = ws::connect(url, None, profile).await?;
+        let ws = SubscriberWs::connect(url, None, profile).await?;
         let mut sub = NatsSubscriber {
             ws,
             parser: NatsParser::default(),
@@ -163,7 +154,7 @@ impl NatsSubscriber {
         hello.extend_from_slice(format!("SUB {subject} 1\r\n").as_bytes());
         hello.extend_from_slice(PING);
         sub.ws
-            .send(Message::binary(hello))
+            .send(&hello, true)
             .await
             .context("sending CONNECT/SUB")?;
         tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
@@ -211,16 +202,13 @@ impl SubscriberConn for NatsSubscriber {
             }
         }
         for _ in 0..pings {
-            self.ws
-                .send(Message::binary(PONG))
-                .await
-                .context("answering PING")?;
+            self.ws.send(PONG, true).await.context("answering PING")?;
         }
         Ok(FrameOutcome::Data { server_errors })
     }
 
     async fn close(mut self) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close()).await;
     }
 }
 

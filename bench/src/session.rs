@@ -152,10 +152,3 @@ impl SubscriberConn for AnySubscriber {
         }
     }
 }
-
-/// The close code of a received close frame.
-pub fn close_code(
-    frame: Option<&tokio_tungstenite::tungstenite::protocol::CloseFrame>,
-) -> Option<u16> {
-    frame.map(|f| u16::from(f.code))
-}
