@@ -57,7 +57,12 @@
 //! `level`, `message`, `target`, `span` (the innermost span's name), then
 //! the fields of every span in scope and the event's own (inner ones win:
 //! a line in a message span has `trace_id`, `topic`, `seq`, one in a
-//! session span `node_id` and `session_id`).
+//! session span `node_id` and `session_id`). Every line has `node_id`: the
+//! node's own when no span or field gives one.
+//!
+//! Each message span, when it ends, logs one `debug` line in itself
+//! ("message hop done"): with `RUST_LOG=node::telemetry=debug` the log
+//! shows every hop of every traced message with its `trace_id`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -135,6 +140,16 @@ impl MessageSpan {
     /// The span, to enter while logging about the message.
     pub fn span(&self) -> Option<&tracing::Span> {
         self.span.as_ref()
+    }
+}
+
+impl Drop for MessageSpan {
+    fn drop(&mut self) {
+        // The hop's one log line, in its span (so with its trace id, topic
+        // and seq); only at debug, and only when tracing is on.
+        if let Some(span) = &self.span {
+            tracing::debug!(parent: span, "message hop done");
+        }
     }
 }
 
@@ -584,7 +599,7 @@ fn fmt_layer(format: LogFormat) -> Box<dyn Layer<Registry> + Send + Sync> {
             .with_writer(std::io::stderr)
             .with_ansi(false)
             .fmt_fields(JsonFields::new())
-            .event_format(FlatJson)
+            .event_format(FlatJson::for_node(NODE_ID.get().cloned()))
             .with_filter(env_filter())
             .boxed(),
     }
@@ -603,8 +618,18 @@ fn install_subscriber(format: LogFormat, tracer: Option<opentelemetry_sdk::trace
 
 /// One JSON object per line with the fields of every span in scope merged
 /// in (see the module docs).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FlatJson;
+#[derive(Debug, Clone, Default)]
+pub struct FlatJson {
+    /// `node_id` of the lines that get none from their spans or fields.
+    node_id: Option<String>,
+}
+
+impl FlatJson {
+    /// Lines of node `node_id` (`None`: no default `node_id`).
+    pub fn for_node(node_id: Option<String>) -> FlatJson {
+        FlatJson { node_id }
+    }
+}
 
 impl<S> FormatEvent<S, JsonFields> for FlatJson
 where
@@ -643,6 +668,11 @@ where
         };
         event.record(&mut visitor);
         let message = fields.remove("message");
+        if let Some(node_id) = &self.node_id {
+            fields
+                .entry("node_id")
+                .or_insert_with(|| node_id.as_str().into());
+        }
 
         // Fixed keys first, then the fields (sorted); a field named like a
         // fixed key is left out.
@@ -925,11 +955,12 @@ mod tests {
                     .with_writer(move || writer.clone())
                     .with_ansi(false)
                     .fmt_fields(JsonFields::new())
-                    .event_format(FlatJson),
+                    .event_format(FlatJson::for_node(Some("n9".into()))),
             )
             .with(otel_layer(provider.tracer("test")));
         let parent = TraceParent::parse(PARENT).unwrap();
         tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
             let session = tracing::info_span!("session", node_id = "n1", session_id = 42u64);
             let _s = session.enter();
             tracing::info!(reason = "x", "in the session");
@@ -943,7 +974,12 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).expect("json line"))
             .collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
+        // The node's own id when no span gives one.
+        assert_eq!(lines[0]["message"], "outside");
+        assert_eq!(lines[0]["node_id"], "n9");
+        assert!(lines[0].get("span").is_none());
+        let lines = &lines[1..];
         assert_eq!(lines[0]["message"], "in the session");
         assert_eq!(lines[0]["level"], "INFO");
         assert_eq!(lines[0]["node_id"], "n1");
@@ -957,5 +993,12 @@ mod tests {
         assert_eq!(lines[1]["topic"], "a.b");
         assert_eq!(lines[1]["span"], "herald.deliver");
         assert!(lines[1]["timestamp"].is_string());
+        // The hop's own line when its span ends.
+        assert_eq!(lines[2]["message"], "message hop done");
+        assert_eq!(lines[2]["level"], "DEBUG");
+        assert_eq!(lines[2]["span"], "herald.deliver");
+        assert_eq!(lines[2]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(lines[2]["seq"], 3);
+        assert_eq!(lines[2]["node_id"], "n1");
     }
 }
