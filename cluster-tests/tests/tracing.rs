@@ -5,6 +5,8 @@
 //! span), `herald.sequence` on the topic's owner (child of the publish),
 //! and a `herald.deliver` on every node with a subscriber (children of the
 //! sequence); each delivered `msg` names its node's deliver span as parent.
+//! The JSON log lines of a traced node name the node, the session and the
+//! message's trace they are about.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -455,6 +457,131 @@ async fn spans_still_queued_are_flushed_at_shutdown() -> Result<()> {
         publish.service_name() == Some("herald-solo") && publish.instance_id() == Some("solo"),
         "resource {:?}",
         publish.resource
+    );
+    Ok(())
+}
+
+/// The node's combined output, one JSON object per line: the lines that
+/// do not parse are an error.
+fn json_log_lines(node: &Node) -> Result<Vec<serde_json::Map<String, Value>>> {
+    node.log()
+        .lines()
+        .enumerate()
+        .map(|(i, line)| match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(fields)) => Ok(fields),
+            _ => bail!("log line {} is not a JSON object: {line}", i + 1),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn json_log_lines_name_their_node_session_and_trace() -> Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let node = cluster_tests::NodeBuilder::new("logs")
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info,node=debug")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start()
+        .await?;
+    let topic = "logged.orders";
+    let (trace_id, client_span) = fresh_ids();
+    let data = json!({"order": 7});
+    let mut ws = node.ws().await?;
+    ws.sub(topic).await?;
+    ws.send_json(json!({"op": "pub", "id": 1, "topic": topic, "data": data,
+                        "trace": format!("00-{trace_id}-{client_span}-01")}))
+        .await?;
+    ws.expect_ok(1).await?;
+    ws.expect_msg(topic, &data).await?;
+    ws.close().await?;
+    // The trace was exported, and the session is over (its last line is
+    // logged right after the gauge falls).
+    receiver
+        .wait_for("the message's spans", SPANS_TIMEOUT, |all| {
+            all.iter()
+                .any(|s| s.trace_id == trace_id && s.name == "herald.deliver")
+        })
+        .await?;
+    node.wait_metric("herald_connections", Duration::from_secs(5), |n| n == 0.0)
+        .await?;
+    tokio::time::sleep(QUIET).await;
+
+    let lines = json_log_lines(&node)?;
+    let shown = |lines: &[&serde_json::Map<String, Value>]| {
+        lines
+            .iter()
+            .map(|l| Value::Object((*l).clone()).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for line in &lines {
+        for key in ["timestamp", "level", "target"] {
+            ensure!(
+                line.get(key).is_some_and(Value::is_string),
+                "log line without {key}: {}",
+                shown(&[line])
+            );
+        }
+    }
+
+    // About the session: logged in its span, or naming it.
+    let session: Vec<&serde_json::Map<String, Value>> = lines
+        .iter()
+        .filter(|l| {
+            l.contains_key("session_id")
+                || l.get("span").is_some_and(|s| s == "session")
+                || l.get("message")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| m.starts_with("session"))
+        })
+        .collect();
+    ensure!(
+        session.len() >= 2,
+        "fewer than 2 lines about the session (opened, closed) at debug:\n{}",
+        shown(&session)
+    );
+    let missing: Vec<&serde_json::Map<String, Value>> = session
+        .iter()
+        .copied()
+        .filter(|l| l.get("node_id") != Some(&json!("logs")) || !l["session_id"].is_u64())
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "lines about the session without node_id \"logs\" or a numeric session_id:\n{}",
+        shown(&missing)
+    );
+    let ids: BTreeSet<u64> = session
+        .iter()
+        .filter_map(|l| l["session_id"].as_u64())
+        .collect();
+    ensure!(ids.len() == 1, "one session, session ids {ids:?}");
+
+    // About the message: logged in one of its spans, or naming its topic.
+    let message: Vec<&serde_json::Map<String, Value>> = lines
+        .iter()
+        .filter(|l| {
+            l.get("topic").is_some_and(|t| t == topic)
+                || l.get("span")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s.starts_with("herald."))
+        })
+        .collect();
+    ensure!(
+        message
+            .iter()
+            .any(|l| l.get("trace_id").is_some_and(|t| *t == trace_id)),
+        "no line about the message carries trace_id {trace_id}; lines about it:\n{}",
+        shown(&message)
+    );
+    let other_traces: Vec<&serde_json::Map<String, Value>> = lines
+        .iter()
+        .filter(|l| l.get("trace_id").is_some_and(|t| *t != trace_id))
+        .collect();
+    ensure!(
+        other_traces.is_empty(),
+        "one traced message, yet lines with another trace_id:\n{}",
+        shown(&other_traces)
     );
     Ok(())
 }
