@@ -123,7 +123,7 @@ pub async fn run(
     METRICS.disconnected(code);
     METRICS.connections.dec();
     METRICS.codec_connections(codec).dec();
-    debug!(session_id = id, close_code = ?code, "session closed");
+    debug!(session_id = id, close_code = code, "session closed");
     let keys: Vec<SubKey> = session.subscriptions.drain().collect();
     METRICS.subscriptions.add(-(keys.len() as i64));
     ctx.router.forget_session(id, keys).await;
