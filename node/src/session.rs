@@ -80,7 +80,9 @@ pub async fn run(
     METRICS.connects.inc();
     METRICS.connections.inc();
     METRICS.codec_connections(codec).inc();
-    debug!(session_id = id, codec = codec.name(), "session opened");
+    // Every line about the session carries the node and session ids.
+    let span = tracing::info_span!("session", node_id = %ctx.node_id, session_id = id);
+    span.in_scope(|| debug!(codec = codec.name(), "session opened"));
 
     let mut session = Session {
         id,
@@ -89,11 +91,9 @@ pub async fn run(
         grants,
         subscriptions: HashSet::new(),
     };
-    // Every line logged while serving carries the node and session ids.
-    let span = tracing::info_span!("session", node_id = %ctx.node_id, session_id = id);
     let served = AssertUnwindSafe(session.serve(&mut socket, &mut outbox))
         .catch_unwind()
-        .instrument(span)
+        .instrument(span.clone())
         .await;
     let end = match served {
         Ok(end) => end,
@@ -123,7 +123,7 @@ pub async fn run(
     METRICS.disconnected(code);
     METRICS.connections.dec();
     METRICS.codec_connections(codec).dec();
-    debug!(session_id = id, close_code = code, "session closed");
+    span.in_scope(|| debug!(close_code = code, "session closed"));
     let keys: Vec<SubKey> = session.subscriptions.drain().collect();
     METRICS.subscriptions.add(-(keys.len() as i64));
     ctx.router.forget_session(id, keys).await;
