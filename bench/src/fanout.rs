@@ -35,6 +35,11 @@ pub struct FanoutArgs {
     /// Topic (NATS subject); default: a fresh one per run.
     #[arg(long)]
     pub topic: Option<String>,
+    /// Also hold this many wildcard subscriptions that match nothing
+    /// published (on extra connections, 1,000 each), to show what unrelated
+    /// wildcard subscribers cost a publish.
+    #[arg(long, default_value_t = 0)]
+    pub unrelated_wildcards: usize,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -113,6 +118,17 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     }
 
     let ready = ReadyReport::gather(&mut workers, timeout).await?;
+    let unrelated = match args.unrelated_wildcards {
+        0 => None,
+        count => {
+            let held = crate::unrelated::hold(args.load.target, &urls, count).await?;
+            eprintln!(
+                "holding {} unrelated wildcard subscriptions",
+                held.subscriptions()
+            );
+            Some(held)
+        }
+    };
     settle(args.load.settle_secs, args.load.target, urls.len()).await;
 
     let plan = PublishPlan {
@@ -147,6 +163,8 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
             eprintln!("{name}: {e:#}");
         }
     }
+    // Held until every delivery was counted.
+    drop(unrelated);
 
     let delivery_ns = tally
         .last_delivery_ns

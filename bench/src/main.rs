@@ -28,6 +28,7 @@ mod publisher;
 mod session;
 mod stats;
 mod topics;
+mod unrelated;
 mod worker;
 mod ws;
 

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use protocol::{GroupName, Pattern, Topic};
+use protocol::{GroupName, Pattern, PatternIndex, Topic};
 
 use crate::metrics::METRICS;
 use crate::outbox::{Pushed, SessionHandle, SessionId};
@@ -55,6 +55,9 @@ impl Subscribers {
 pub struct LocalSubscriptions {
     exact: HashMap<Topic, Subscribers>,
     wildcard: HashMap<Pattern, Subscribers>,
+    /// The patterns of `wildcard`, by token: a message looks up the ones
+    /// that match it instead of trying each.
+    wildcard_index: PatternIndex<Pattern>,
     /// Sessions already given the current message; reused between messages.
     seen: HashSet<SessionId>,
 }
@@ -63,7 +66,10 @@ impl LocalSubscriptions {
     fn subscribers_mut(&mut self, pattern: &Pattern) -> &mut Subscribers {
         match pattern.as_topic() {
             Some(topic) => self.exact.entry(topic).or_default(),
-            None => self.wildcard.entry(pattern.clone()).or_default(),
+            None => self.wildcard.entry(pattern.clone()).or_insert_with(|| {
+                self.wildcard_index.insert(pattern, pattern.clone());
+                Subscribers::default()
+            }),
         }
     }
 
@@ -107,9 +113,14 @@ impl LocalSubscriptions {
             }
             if subscribers.is_empty() {
                 match map_key_topic {
-                    Some(topic) => self.exact.remove(&topic),
-                    None => self.wildcard.remove(&key.pattern),
-                };
+                    Some(topic) => {
+                        self.exact.remove(&topic);
+                    }
+                    None => {
+                        self.wildcard.remove(&key.pattern);
+                        self.wildcard_index.remove(&key.pattern, &key.pattern);
+                    }
+                }
             }
             Change::Last
         } else {
@@ -140,11 +151,13 @@ impl LocalSubscriptions {
         if let Some(subs) = exact {
             delivered += push_all(&subs.plain, message, Some(seen));
         }
-        for (pattern, subs) in &self.wildcard {
-            if !subs.plain.is_empty() && pattern.matches(&message.topic) {
-                delivered += push_all(&subs.plain, message, Some(seen));
-            }
-        }
+        let wildcard = &self.wildcard;
+        self.wildcard_index
+            .for_each_match(&message.topic, |pattern| {
+                if let Some(subs) = wildcard.get(pattern) {
+                    delivered += push_all(&subs.plain, message, Some(&mut *seen));
+                }
+            });
         for key in groups {
             let Some(group) = &key.group else { continue };
             let subscribers = match key.pattern.as_topic() {
@@ -323,5 +336,27 @@ mod tests {
         assert_eq!(local.remove(&k, 1), Change::Unchanged);
         assert_eq!(local.remove(&k, 2), Change::Last);
         assert!(local.is_empty());
+    }
+
+    #[test]
+    fn wildcards_match_through_the_index_and_leave_nothing_behind() {
+        let mut local = LocalSubscriptions::default();
+        let (s1, mut o1) = session(1);
+        let (s2, mut o2) = session(2);
+        local.add(&key("user.*.events", None), s1.clone());
+        local.add(&key("user.>", None), s2.clone());
+        local.add(&key("other.*", None), s2.clone());
+        assert_eq!(local.deliver(&message("user.7.events", 1), &[]), 2);
+        assert_eq!(local.deliver(&message("user.7", 2), &[]), 1);
+        assert_eq!(local.deliver(&message("user", 3), &[]), 0);
+        assert_eq!((o1.take().objects.len(), o2.take().objects.len()), (1, 2));
+
+        assert_eq!(local.remove(&key("user.*.events", None), 1), Change::Last);
+        assert_eq!(local.deliver(&message("user.7.events", 4), &[]), 1);
+        assert_eq!(o1.take().objects.len(), 0);
+        local.remove(&key("user.>", None), 2);
+        local.remove(&key("other.*", None), 2);
+        assert!(local.is_empty());
+        assert!(local.wildcard_index.is_empty());
     }
 }

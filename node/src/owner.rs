@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use protocol::{Codec, Data, GroupName, MsgView, Pattern, Topic, TraceParent};
+use protocol::{Codec, Data, GroupName, MsgView, Pattern, PatternIndex, Topic, TraceParent};
 
 use crate::history::History;
 use crate::metrics::METRICS;
@@ -153,6 +153,9 @@ pub struct TopicOwner {
     limits: OwnerLimits,
     topics: HashMap<Topic, OwnedTopic>,
     wildcards: HashMap<SubKey, Nodes>,
+    /// The keys of `wildcards` by pattern token, so that sequencing a
+    /// message looks up the wildcard interest that matches it.
+    wildcard_index: PatternIndex<SubKey>,
 }
 
 impl TopicOwner {
@@ -161,6 +164,7 @@ impl TopicOwner {
             limits,
             topics: HashMap::new(),
             wildcards: HashMap::new(),
+            wildcard_index: PatternIndex::new(),
         }
     }
 
@@ -234,10 +238,11 @@ impl TopicOwner {
                 }
             }
         }
-        for (key, nodes) in self.wildcards.iter_mut() {
-            if !key.pattern.matches(topic) {
-                continue;
-            }
+        let wildcards = &mut self.wildcards;
+        self.wildcard_index.for_each_match(topic, |key| {
+            let Some(nodes) = wildcards.get_mut(key) else {
+                return;
+            };
             match &key.group {
                 None => nodes.nodes.iter().for_each(|n| {
                     route_for(&mut routes, n);
@@ -248,7 +253,7 @@ impl TopicOwner {
                     }
                 }
             }
-        }
+        });
         (message, routes)
     }
 
@@ -261,7 +266,14 @@ impl TopicOwner {
                 .entry(key.group.clone())
                 .or_default()
                 .add(node),
-            None => self.wildcards.entry(key.clone()).or_default().add(node),
+            None => self
+                .wildcards
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    self.wildcard_index.insert(&key.pattern, key.clone());
+                    Nodes::default()
+                })
+                .add(node),
         }
     }
 
@@ -283,6 +295,7 @@ impl TopicOwner {
                     nodes.remove(node);
                     if nodes.nodes.is_empty() {
                         self.wildcards.remove(key);
+                        self.wildcard_index.remove(&key.pattern, key);
                     }
                 }
             }
@@ -298,9 +311,14 @@ impl TopicOwner {
                 !nodes.nodes.is_empty()
             });
         }
-        self.wildcards.retain(|_, nodes| {
+        let index = &mut self.wildcard_index;
+        self.wildcards.retain(|key, nodes| {
             nodes.remove(node);
-            !nodes.nodes.is_empty()
+            let keep = !nodes.nodes.is_empty();
+            if !keep {
+                index.remove(&key.pattern, key);
+            }
+            keep
         });
     }
 
@@ -456,6 +474,27 @@ mod tests {
         o.remove_interest(&n1, &key("a.*", Some("g")));
         o.remove_interest(&n2, &key("a.*", Some("g")));
         assert!(publish(&mut o, "a.b").1.is_empty());
+    }
+
+    #[test]
+    fn wildcard_interest_routes_through_the_index_and_is_forgotten() {
+        let mut o = owner();
+        let (n1, n2): (NodeId, NodeId) = (Arc::from("n1"), Arc::from("n2"));
+        o.add_interest(&n1, &key("a.*", None));
+        o.add_interest(&n2, &key("a.>", None));
+        o.add_interest(&n2, &key("b.*", None));
+        let nodes = |routes: Vec<Route>| {
+            let mut nodes: Vec<NodeId> = routes.into_iter().map(|r| r.node).collect();
+            nodes.sort();
+            nodes
+        };
+        assert_eq!(nodes(publish(&mut o, "a.x").1), [n1.clone(), n2.clone()]);
+        assert_eq!(nodes(publish(&mut o, "a.x.y").1), vec![n2.clone()]);
+        o.forget_node(&n2);
+        assert_eq!(nodes(publish(&mut o, "a.x").1), vec![n1.clone()]);
+        assert!(publish(&mut o, "b.x").1.is_empty());
+        o.remove_interest(&n1, &key("a.*", None));
+        assert!(o.wildcards.is_empty() && o.wildcard_index.is_empty());
     }
 
     #[test]

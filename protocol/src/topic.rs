@@ -223,15 +223,15 @@ impl fmt::Debug for GroupName {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn pattern(s: &str) -> Pattern {
+    pub(crate) fn pattern(s: &str) -> Pattern {
         Pattern::parse(s).expect("valid pattern")
     }
 
-    fn topic(s: &str) -> Topic {
+    pub(crate) fn topic(s: &str) -> Topic {
         Topic::parse(s).expect("valid topic")
     }
 
@@ -304,11 +304,11 @@ mod tests {
         ]
     }
 
-    fn topic_tokens() -> impl Strategy<Value = Vec<String>> {
+    pub(crate) fn topic_tokens() -> impl Strategy<Value = Vec<String>> {
         prop::collection::vec(token(), 1..6)
     }
 
-    fn pattern_tokens() -> impl Strategy<Value = Vec<String>> {
+    pub(crate) fn pattern_tokens() -> impl Strategy<Value = Vec<String>> {
         (
             prop::collection::vec(prop_oneof![3 => token(), 1 => Just("*".to_string())], 1..6),
             any::<bool>(),
