@@ -85,6 +85,7 @@ class WebSocket:
         )
         self.sock.sendall(request.encode())
         self.buf = b""
+        self.pending = []  # messages of the last frame not yet returned
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(4096)
             if not chunk:
@@ -142,14 +143,18 @@ class WebSocket:
                 return value if isinstance(value, list) else [value]
 
     def wait_for(self, predicate, timeout=10):
+        """The next message that matches; those before it are dropped. A
+        frame may carry several messages: the rest wait for the next call."""
         deadline = time.monotonic() + timeout
         while True:
+            while self.pending:
+                m = self.pending.pop(0)
+                if predicate(m):
+                    return m
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no matching message")
-            for m in self.recv_messages(timeout=left):
-                if predicate(m):
-                    return m
+            self.pending = self.recv_messages(timeout=left)
 
     def close(self):
         try:

@@ -1,7 +1,8 @@
-//! The images a run needs (the herald image and the HAProxy image), built
-//! on this machine by the project's own `scripts/compose-build.sh` when
-//! they are missing, or when no herald image of the current sources exists
-//! (a stale image would test old code).
+//! The images a run needs (the herald image and the HAProxy image; the
+//! compose test asks for every image of docker-compose.yml), built on this
+//! machine by the project's own `scripts/compose-build.sh` when they are
+//! missing, or when no image of the current sources exists of those that
+//! carry the herald binary (a stale image would test old code).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +13,18 @@ use super::docker::docker;
 
 /// The tags `scripts/compose-build.sh` makes.
 pub const HERALD_IMAGE: &str = "herald:local";
+pub const CERTS_IMAGE: &str = "herald-certs:local";
 pub const HAPROXY_IMAGE: &str = "herald-haproxy:local";
+pub const PROMETHEUS_IMAGE: &str = "herald-prometheus:local";
+/// Every image `docker-compose.yml` runs, all made by the script.
+pub const COMPOSE_IMAGES: [&str; 4] = [HERALD_IMAGE, CERTS_IMAGE, HAPROXY_IMAGE, PROMETHEUS_IMAGE];
+
+/// The images that carry the herald binary, and the repository of the tags
+/// that name the sources each was built from (see [`ensure`]).
+const CONTENT_TAGGED: [(&str, &str); 2] = [
+    (HERALD_IMAGE, "herald-chaos"),
+    (CERTS_IMAGE, "herald-chaos-certs"),
+];
 
 /// Upper bound on one image build (a cold one runs a release build and
 /// debootstrap).
@@ -50,62 +62,91 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Makes sure both images exist (with [`BuildPolicy::IfStale`]: a herald
-/// image built from the sources as they are now) and returns the herald
-/// image to run, and what was done, for the report. A build's output goes
-/// to `log_dir/image-build.log`.
+/// Makes sure `herald` and `others` exist (with [`BuildPolicy::IfStale`],
+/// those that carry the herald binary built from the sources as they are
+/// now) and returns the image to run for each (`herald`, then `others` in
+/// order) and what was done, for the report. A build's output goes to
+/// `log_dir/image-build.log`.
 ///
 /// Freshness is by content, not by time: an image built by this harness is
-/// also tagged `herald-chaos:<hash of the sources>`, so a fresh clone of
-/// unchanged sources reuses it, and any change to `node/`, `protocol/`,
-/// `Cargo.toml`, `Cargo.lock` or `deploy/docker/` builds again.
+/// also tagged `herald-chaos:<hash of the sources>` (the certs image
+/// `herald-chaos-certs:<hash>`), and that tag is what runs, so a fresh clone
+/// of unchanged sources reuses it, and any change to `node/`, `protocol/`,
+/// `Cargo.toml`, `Cargo.lock` or the herald and certs images' files in
+/// `deploy/docker/` builds again.
 pub async fn ensure(
     herald: &str,
-    haproxy: &str,
+    others: &[&str],
     policy: BuildPolicy,
     log_dir: &Path,
-) -> Result<(String, Vec<String>)> {
+) -> Result<(Vec<String>, Vec<String>)> {
     let root = repo_root();
-    let haproxy_present = exists(haproxy).await;
-    let herald_present = exists(herald).await;
+    let wanted: Vec<&str> = std::iter::once(herald)
+        .chain(others.iter().copied())
+        .collect();
     let mut notes = Vec::new();
-    let by_content = policy == BuildPolicy::IfStale && herald == HERALD_IMAGE;
-    let fresh_tag = if by_content {
-        Some(format!("herald-chaos:{}", source_hash(&root)?))
-    } else {
-        None
-    };
-    let herald_ok = match &fresh_tag {
-        Some(tag) => exists(tag).await,
-        None => herald_present,
-    };
-    let use_image = fresh_tag.clone().unwrap_or_else(|| herald.to_owned());
-    if herald_ok && haproxy_present {
-        return Ok((use_image, notes));
+    // The wanted images that carry herald, each with its tag of these sources.
+    let mut fresh: Vec<(&str, String)> = Vec::new();
+    if policy == BuildPolicy::IfStale && herald == HERALD_IMAGE {
+        let hash = source_hash(&root)?;
+        for (image, repo) in CONTENT_TAGGED {
+            if wanted.contains(&image) {
+                fresh.push((image, format!("{repo}:{hash}")));
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for image in &wanted {
+        if !exists(image).await {
+            missing.push(*image);
+        }
+    }
+    let mut stale = Vec::new();
+    for (image, tag) in &fresh {
+        if !exists(tag).await {
+            stale.push((*image, tag.as_str()));
+        }
+    }
+    let use_images: Vec<String> = wanted
+        .iter()
+        .map(|image| match fresh.iter().find(|(i, _)| i == image) {
+            Some((_, tag)) => tag.clone(),
+            None => (*image).to_owned(),
+        })
+        .collect();
+    if missing.is_empty() && stale.is_empty() {
+        return Ok((use_images, notes));
     }
     if policy == BuildPolicy::Never {
         bail!(
             "image {} is missing and building was turned off: run scripts/compose-build.sh",
-            if herald_present { haproxy } else { herald }
+            missing.join(", ")
         );
     }
-    if herald != HERALD_IMAGE && !herald_ok || haproxy != HAPROXY_IMAGE && !haproxy_present {
+    let foreign: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|image| !COMPOSE_IMAGES.contains(image))
+        .collect();
+    if !foreign.is_empty() {
         bail!(
-            "images {herald} / {haproxy}: only {HERALD_IMAGE} and {HAPROXY_IMAGE} are built here \
-             (scripts/compose-build.sh); build the others yourself"
+            "images {}: only {} are built here (scripts/compose-build.sh); build the others yourself",
+            foreign.join(", "),
+            COMPOSE_IMAGES.join(", ")
         );
     }
-    // The HAProxy image needs the whole script (Debian base by debootstrap,
-    // then every compose image); the herald image alone has a short cut.
-    let args: &[&str] = if haproxy_present {
-        &["--herald-only"]
+    // Only the herald image has a short cut; any other needs the whole
+    // script (Debian base by debootstrap, then every compose image).
+    let herald_only = missing
+        .iter()
+        .chain(stale.iter().map(|(image, _)| image))
+        .all(|image| *image == HERALD_IMAGE);
+    let args: &[&str] = if herald_only { &["--herald-only"] } else { &[] };
+    let why = if missing.is_empty() {
+        let tags: Vec<&str> = stale.iter().map(|(_, tag)| *tag).collect();
+        format!("no image of the current sources ({})", tags.join(", "))
     } else {
-        &[]
-    };
-    let why = match (herald_ok, herald_present, haproxy_present) {
-        (_, _, false) => format!("{haproxy} is missing"),
-        (_, false, _) => format!("{herald} is missing"),
-        _ => format!("no herald image of the current sources ({use_image})"),
+        format!("{} missing", missing.join(", "))
     };
     std::fs::create_dir_all(log_dir)?;
     let log_path = log_dir.join("image-build.log");
@@ -147,30 +188,26 @@ pub async fn ensure(
         args.join(" "),
         started.elapsed()
     ));
-    for image in [herald, haproxy] {
+    for image in &wanted {
         if !exists(image).await {
             bail!("{image} still missing after scripts/compose-build.sh");
         }
     }
-    if let Some(tag) = &fresh_tag {
-        docker(&["tag", herald, tag]).await?;
+    // `--herald-only` leaves the certs image as it was.
+    for (image, tag) in fresh
+        .iter()
+        .filter(|(image, _)| !herald_only || *image == HERALD_IMAGE)
+    {
+        docker(&["tag", image, tag]).await?;
         // Older tags of this harness only: the images stay while in use.
-        let old = docker(&[
-            "image",
-            "ls",
-            "herald-chaos",
-            "--format",
-            "{{.Repository}}:{{.Tag}}",
-        ])
-        .await?;
-        for name in old
-            .lines()
-            .filter(|n| n != tag && n.starts_with("herald-chaos:"))
-        {
+        let repo = tag.split_once(':').map_or(tag.as_str(), |(repo, _)| repo);
+        let old = docker(&["image", "ls", repo, "--format", "{{.Repository}}:{{.Tag}}"]).await?;
+        let prefix = format!("{repo}:");
+        for name in old.lines().filter(|n| n != tag && n.starts_with(&prefix)) {
             let _ = docker(&["rmi", name]).await;
         }
     }
-    Ok((use_image, notes))
+    Ok((use_images, notes))
 }
 
 async fn exists(image: &str) -> bool {
@@ -179,13 +216,19 @@ async fn exists(image: &str) -> bool {
         .is_ok()
 }
 
-/// FNV-1a (64 bit) of the paths and contents of every file the herald image
-/// is built from, as 16 hex digits.
+/// FNV-1a (64 bit) of the paths and contents of every file the herald and
+/// certs images are built from, as 16 hex digits.
 fn source_hash(root: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = ["Cargo.toml", "Cargo.lock", "deploy/docker/Dockerfile"]
-        .iter()
-        .map(|f| root.join(f))
-        .collect();
+    let mut files: Vec<PathBuf> = [
+        "Cargo.toml",
+        "Cargo.lock",
+        "deploy/docker/Dockerfile",
+        "deploy/docker/certs.Dockerfile",
+        "deploy/docker/make-certs.sh",
+    ]
+    .iter()
+    .map(|f| root.join(f))
+    .collect();
     let mut stack = vec![
         root.join("node"),
         root.join("protocol"),

@@ -6,7 +6,8 @@
 //!
 //! This module is compiled into the `chaos` binary (`src/bin/chaos.rs`)
 //! and into the `chaos` test (`tests/chaos.rs`) with `#[path]`; it uses the
-//! library's WebSocket and HTTP clients.
+//! library's WebSocket and HTTP clients. The `compose` test
+//! (`tests/compose.rs`) takes only `images` and `docker` the same way.
 
 pub mod checker;
 mod cluster;
@@ -132,9 +133,9 @@ pub async fn run(config: Config) -> Result<Outcome> {
         Err(e) => notes.push(format!("could not look for leftovers: {e:#}")),
     }
     let build_started = Instant::now();
-    let (herald_image, built) = images::ensure(
+    let (mut run_images, built) = images::ensure(
         &config.herald_image,
-        &config.haproxy_image,
+        &[&config.haproxy_image],
         config.build,
         &config.artifacts,
     )
@@ -142,7 +143,7 @@ pub async fn run(config: Config) -> Result<Outcome> {
     notes.extend(built);
     let build_time = build_started.elapsed();
     let config = Config {
-        herald_image,
+        herald_image: run_images.swap_remove(0),
         ..config
     };
     // Every time in the report is since here.
