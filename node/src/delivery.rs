@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use indexmap::IndexMap;
 use protocol::{GroupName, Pattern, PatternIndex, Topic};
 
 use crate::metrics::METRICS;
@@ -25,15 +26,101 @@ pub enum Change {
     Unchanged,
 }
 
+/// The sessions of one subscription key. A few are a vector (small, which
+/// matters when every connection has a topic of its own); past
+/// `SMALL_SESSION_SET` they move to an index map, so that adding and
+/// removing one stays O(1) on a broadcast topic that holds a node's every
+/// session (scanning a list per change made a mass reconnect quadratic).
+/// Iterating is as fast as a vector's either way.
+#[derive(Debug)]
+enum Sessions {
+    Few(Vec<SessionHandle>),
+    // Boxed: the enum stays a vector's size for the many small sets.
+    Many(Box<IndexMap<SessionId, SessionHandle>>),
+}
+
+const SMALL_SESSION_SET: usize = 32;
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions::Few(Vec::new())
+    }
+}
+
+impl Sessions {
+    fn len(&self) -> usize {
+        match self {
+            Sessions::Few(list) => list.len(),
+            Sessions::Many(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn contains(&self, id: SessionId) -> bool {
+        match self {
+            Sessions::Few(list) => list.iter().any(|s| s.id == id),
+            Sessions::Many(map) => map.contains_key(&id),
+        }
+    }
+
+    /// Adds `session` (the caller checked it is not there).
+    fn insert(&mut self, session: SessionHandle) {
+        match self {
+            Sessions::Few(list) if list.len() < SMALL_SESSION_SET => list.push(session),
+            Sessions::Few(list) => {
+                let mut map: IndexMap<SessionId, SessionHandle> =
+                    list.drain(..).map(|s| (s.id, s)).collect();
+                map.insert(session.id, session);
+                *self = Sessions::Many(Box::new(map));
+            }
+            Sessions::Many(map) => {
+                map.insert(session.id, session);
+            }
+        }
+    }
+
+    /// False when `id` was not there.
+    fn remove(&mut self, id: SessionId) -> bool {
+        match self {
+            Sessions::Few(list) => match list.iter().position(|s| s.id == id) {
+                Some(at) => {
+                    list.swap_remove(at);
+                    true
+                }
+                None => false,
+            },
+            Sessions::Many(map) => map.swap_remove(&id).is_some(),
+        }
+    }
+
+    fn get(&self, index: usize) -> Option<&SessionHandle> {
+        match self {
+            Sessions::Few(list) => list.get(index),
+            Sessions::Many(map) => map.get_index(index).map(|(_, s)| s),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &SessionHandle> {
+        let (few, many) = match self {
+            Sessions::Few(list) => (Some(list.iter()), None),
+            Sessions::Many(map) => (None, Some(map.values())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Members {
-    sessions: Vec<SessionHandle>,
+    sessions: Sessions,
     next: usize,
 }
 
 #[derive(Debug, Default)]
 struct Subscribers {
-    plain: Vec<SessionHandle>,
+    plain: Sessions,
     groups: HashMap<GroupName, Members>,
 }
 
@@ -42,7 +129,7 @@ impl Subscribers {
         self.plain.is_empty() && self.groups.is_empty()
     }
 
-    fn list_mut(&mut self, group: &Option<GroupName>) -> &mut Vec<SessionHandle> {
+    fn list_mut(&mut self, group: &Option<GroupName>) -> &mut Sessions {
         match group {
             None => &mut self.plain,
             Some(group) => &mut self.groups.entry(group.clone()).or_default().sessions,
@@ -75,10 +162,10 @@ impl LocalSubscriptions {
 
     pub fn add(&mut self, key: &SubKey, session: SessionHandle) -> Change {
         let list = self.subscribers_mut(&key.pattern).list_mut(&key.group);
-        if list.iter().any(|s| s.id == session.id) {
+        if list.contains(session.id) {
             return Change::Unchanged;
         }
-        list.push(session);
+        list.insert(session);
         if list.len() == 1 {
             Change::First
         } else {
@@ -102,10 +189,9 @@ impl LocalSubscriptions {
                 None => return Change::Unchanged,
             },
         };
-        let Some(at) = list.iter().position(|s| s.id == session) else {
+        if !list.remove(session) {
             return Change::Unchanged;
-        };
-        list.swap_remove(at);
+        }
         let now_empty = list.is_empty();
         if now_empty {
             if let Some(group) = &key.group {
@@ -229,12 +315,12 @@ fn push_one(session: &SessionHandle, message: &Sequenced) -> bool {
 }
 
 fn push_all(
-    sessions: &[SessionHandle],
+    sessions: &Sessions,
     message: &Sequenced,
     mut seen: Option<&mut HashSet<SessionId>>,
 ) -> usize {
     let mut delivered = 0;
-    for session in sessions {
+    for session in sessions.iter() {
         if let Some(seen) = seen.as_deref_mut() {
             if !seen.insert(session.id) {
                 continue;
@@ -251,7 +337,9 @@ fn push_to_one(members: &mut Members, message: &Sequenced, seen: &mut HashSet<Se
     let count = members.sessions.len();
     for _ in 0..count {
         members.next = (members.next + 1) % count;
-        let member = &members.sessions[members.next];
+        let Some(member) = members.sessions.get(members.next) else {
+            return 0;
+        };
         if seen.contains(&member.id) {
             return 0;
         }
@@ -358,5 +446,58 @@ mod tests {
         local.remove(&key("other.*", None), 2);
         assert!(local.is_empty());
         assert!(local.wildcard_index.is_empty());
+    }
+
+    #[test]
+    fn many_sessions_on_one_key_add_deliver_and_leave() {
+        let mut local = LocalSubscriptions::default();
+        let k = key("broadcast", None);
+        let g = key("jobs", Some("workers"));
+        let count = 3 * SMALL_SESSION_SET as u64;
+        let mut sessions: Vec<(SessionHandle, Outbox)> = (1..=count).map(session).collect();
+        for (i, (handle, _)) in sessions.iter().enumerate() {
+            let expected = if i == 0 { Change::First } else { Change::Other };
+            assert_eq!(local.add(&k, handle.clone()), expected);
+            assert_eq!(local.add(&k, handle.clone()), Change::Unchanged);
+            assert_eq!(local.add(&g, handle.clone()), expected);
+        }
+        assert_eq!(local.deliver(&message("broadcast", 1), &[]), count as usize);
+        // The group gives one message to each member in turn.
+        for seq in 1..=count {
+            assert_eq!(
+                local.deliver(&message("jobs", seq), std::slice::from_ref(&g)),
+                1
+            );
+        }
+        for (_, outbox) in &mut sessions {
+            assert_eq!(outbox.take().objects.len(), 2);
+        }
+        // Half leave, from all over the set.
+        for id in (1..=count).filter(|id| id % 2 == 0) {
+            assert_eq!(local.remove(&k, id), Change::Other);
+            assert_eq!(local.remove(&k, id), Change::Unchanged);
+        }
+        assert_eq!(
+            local.deliver(&message("broadcast", 2), &[]),
+            count as usize / 2
+        );
+        for (id, (_, outbox)) in (1..=count).zip(&mut sessions) {
+            let expected = usize::from(id % 2 == 1);
+            assert_eq!(outbox.take().objects.len(), expected, "session {id}");
+        }
+        for id in (1..=count).filter(|id| id % 2 == 1) {
+            let last = id == count - 1;
+            let expected = if last { Change::Last } else { Change::Other };
+            assert_eq!(local.remove(&k, id), expected);
+        }
+        for id in 1..=count {
+            let expected = if id == count {
+                Change::Last
+            } else {
+                Change::Other
+            };
+            assert_eq!(local.remove(&g, id), expected);
+        }
+        assert!(local.is_empty());
     }
 }
