@@ -490,8 +490,8 @@ async fn run_cluster(
     );
     let _ = writeln!(
         out,
-        "  runs by start: {:?}; {} epochs",
-        stats.runs, stats.epochs
+        "  runs by start: {:?}; {} epochs; {} runs went from seq 0 of an epoch to seq 1 of another (unseen by the client, nothing missed)",
+        stats.runs, stats.epochs, stats.unseen_epoch_from_start
     );
     let _ = writeln!(
         out,
