@@ -225,10 +225,21 @@ impl LocalSubscriptions {
     }
 
     fn push_to_sessions(&mut self, message: &Sequenced, groups: &[SubKey]) -> usize {
+        // Wildcard patterns with plain subscribers that match this topic
+        // (allocates only when there are some).
+        let mut matching: Vec<Pattern> = Vec::new();
+        let wildcard = &self.wildcard;
+        self.wildcard_index
+            .for_each_match(&message.topic, |pattern| {
+                if wildcard.get(pattern).is_some_and(|s| !s.plain.is_empty()) {
+                    matching.push(pattern.clone());
+                }
+            });
         let exact = self.exact.get_mut(&message.topic);
         // The common case, one exact topic and no groups, needs no
-        // de-duplication.
-        if self.wildcard.is_empty() && groups.is_empty() {
+        // de-duplication, even with unrelated wildcard subscriptions on the
+        // shard.
+        if matching.is_empty() && groups.is_empty() {
             return exact.map_or(0, |subs| push_all(&subs.plain, message, None));
         }
         self.seen.clear();
@@ -237,13 +248,11 @@ impl LocalSubscriptions {
         if let Some(subs) = exact {
             delivered += push_all(&subs.plain, message, Some(seen));
         }
-        let wildcard = &self.wildcard;
-        self.wildcard_index
-            .for_each_match(&message.topic, |pattern| {
-                if let Some(subs) = wildcard.get(pattern) {
-                    delivered += push_all(&subs.plain, message, Some(&mut *seen));
-                }
-            });
+        for pattern in &matching {
+            if let Some(subs) = self.wildcard.get(pattern) {
+                delivered += push_all(&subs.plain, message, Some(&mut *seen));
+            }
+        }
         for key in groups {
             let Some(group) = &key.group else { continue };
             let subscribers = match key.pattern.as_topic() {
