@@ -20,14 +20,24 @@ const PER_CONNECTION: usize = 1000;
 /// How long one connection's subscriptions may take to be confirmed.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Connections holding the subscriptions; they end when dropped.
+/// Connections holding the subscriptions, each read by a task of its own
+/// (which answers the broker's pings, so a long run keeps them); they end
+/// when this is dropped.
 pub struct Held {
-    connections: Vec<SubscriberWs>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Held {
     pub fn subscriptions(&self) -> usize {
-        self.connections.len() * PER_CONNECTION
+        self.readers.len() * PER_CONNECTION
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for reader in &self.readers {
+            reader.abort();
+        }
     }
 }
 
@@ -35,7 +45,7 @@ impl Held {
 /// subscriptions (rounded up to whole connections), each confirmed.
 pub async fn hold(target: Target, urls: &[String], count: usize) -> Result<Held> {
     let run = crate::clock::now_ns() % 1_000_000_000;
-    let mut connections = Vec::new();
+    let mut readers = Vec::new();
     for c in 0..count.div_ceil(PER_CONNECTION) {
         let url = crate::ws::url_for(urls, c);
         let first = c * PER_CONNECTION;
@@ -45,9 +55,33 @@ pub async fn hold(target: Target, urls: &[String], count: usize) -> Result<Held>
             Target::Nats => nats_connection(url, patterns).await,
         }
         .with_context(|| format!("unrelated wildcard connection {c} on {url}"))?;
-        connections.push(ws);
+        readers.push(tokio::spawn(read_until_closed(ws, target)));
     }
-    Ok(Held { connections })
+    Ok(Held { readers })
+}
+
+/// Nothing published matches these subscriptions; reading only answers
+/// pings, WebSocket ones and NATS's `PING` (and notices an early close).
+async fn read_until_closed(mut ws: SubscriberWs, target: Target) {
+    loop {
+        match ws.next().await {
+            Ok(Incoming::Data(data)) => {
+                let nats_ping =
+                    target == Target::Nats && memchr::memmem::find(&data, nats::PING).is_some();
+                if nats_ping && ws.send(nats::PONG, true).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Incoming::Closed(code)) => {
+                eprintln!("an unrelated-wildcard connection was closed (code {code:?})");
+                return;
+            }
+            Err(e) => {
+                eprintln!("an unrelated-wildcard connection failed: {e:#}");
+                return;
+            }
+        }
+    }
 }
 
 async fn herald_connection(
