@@ -32,7 +32,6 @@ use crate::outbox::close_code;
 use crate::router::Router;
 use crate::session;
 use crate::shard::{Ack, Publish};
-use crate::telemetry::{self, Hop};
 
 /// How long an HTTP publish waits for its owner to sequence the message.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -353,25 +352,10 @@ async fn publish(
         Data::Binary(body)
     };
 
-    METRICS.messages_in.inc();
-    METRICS.bytes_in.add(data.len() as u64);
     METRICS.http_publishes.inc();
-    // The message enters here: this span is the owner's parent.
-    let span = telemetry::message_span(
-        Hop::Publish,
-        trace.as_ref(),
-        tracestate.as_deref(),
-        topic.as_str(),
-    );
-    let trace = span.traceparent().or(trace);
     let (ack, acked) = oneshot::channel();
-    let publish = Publish {
-        topic,
-        data,
-        trace,
-        tracestate,
-        ack: Some(Ack::Http(ack)),
-    };
+    let (publish, _ingress) =
+        Publish::from_client(topic, data, trace, tracestate, Some(Ack::Http(ack)));
     let unavailable = || {
         error_response(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -31,7 +31,6 @@ use crate::metrics::METRICS;
 use crate::outbox::{close_code, next_session_id, outbox, Outbox, SessionHandle, SessionId};
 use crate::owner::SubKey;
 use crate::shard::{Ack, Publish};
-use crate::telemetry::{self, Hop};
 
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -353,27 +352,11 @@ impl Session {
                 if self.ctx.panic_topic.as_deref() == Some(topic.as_str()) {
                     panic!("fault injection: publish to the configured panic topic");
                 }
-                METRICS.messages_in.inc();
-                METRICS.bytes_in.add(data.len() as u64);
-                // The message enters here: this span is the owner's parent.
-                let span = telemetry::message_span(
-                    Hop::Publish,
-                    trace.as_ref(),
-                    tracestate.as_deref(),
-                    topic.as_str(),
-                );
-                let trace = span.traceparent().or(trace);
                 let ack = id.map(|id| Ack::Session {
                     session: self.handle.clone(),
                     id,
                 });
-                let publish = Publish {
-                    topic,
-                    data,
-                    trace,
-                    tracestate,
-                    ack,
-                };
+                let (publish, _ingress) = Publish::from_client(topic, data, trace, tracestate, ack);
                 self.ctx
                     .router
                     .publish(publish)

@@ -108,6 +108,37 @@ pub struct Publish {
     pub ack: Option<Ack>,
 }
 
+impl Publish {
+    /// A message entering the node from a client (a WebSocket `pub` or an
+    /// HTTP publish): counted, and given its ingress span, which becomes the
+    /// parent of the owner's. The span lasts as long as the caller keeps it.
+    pub fn from_client(
+        topic: Topic,
+        data: Data,
+        trace: Option<TraceParent>,
+        tracestate: Option<String>,
+        ack: Option<Ack>,
+    ) -> (Publish, telemetry::MessageSpan) {
+        METRICS.messages_in.inc();
+        METRICS.bytes_in.add(data.len() as u64);
+        let span = telemetry::message_span(
+            Hop::Publish,
+            trace.as_ref(),
+            tracestate.as_deref(),
+            topic.as_str(),
+        );
+        let trace = span.traceparent().or(trace);
+        let publish = Publish {
+            topic,
+            data,
+            trace,
+            tracestate,
+            ack,
+        };
+        (publish, span)
+    }
+}
+
 /// A reply that several parts contribute to: the last one to finish sends
 /// the session its `ok`. Wildcard subscriptions live on every shard, and in
 /// a cluster on every node too.
