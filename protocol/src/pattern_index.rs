@@ -106,8 +106,7 @@ impl<K: Clone + PartialEq> PatternIndex<K> {
         if self.len == 0 {
             return;
         }
-        let tokens: Vec<&str> = topic.as_str().split('.').collect();
-        visit(&self.root, &tokens, &mut found);
+        visit(&self.root, topic.as_str().split('.'), &mut found);
     }
 
     /// The keys whose pattern matches `topic`.
@@ -166,17 +165,23 @@ fn remove_from<K: PartialEq>(node: &mut Node<K>, tokens: &[&str], key: &K) -> bo
     }
 }
 
-fn visit<K>(node: &Node<K>, tokens: &[&str], found: &mut impl FnMut(&K)) {
-    let Some((token, rest)) = tokens.split_first() else {
+/// Walks the trie along `tokens` (a cheap-to-clone iterator, so a message
+/// costs no allocation).
+fn visit<'t, K>(
+    node: &Node<K>,
+    mut tokens: impl Iterator<Item = &'t str> + Clone,
+    found: &mut impl FnMut(&K),
+) {
+    let Some(token) = tokens.next() else {
         node.end.iter().for_each(&mut *found);
         return;
     };
     node.rest.iter().for_each(&mut *found);
-    if let Some(child) = node.literal.get(*token) {
-        visit(child, rest, found);
+    if let Some(child) = node.literal.get(token) {
+        visit(child, tokens.clone(), found);
     }
     if let Some(child) = &node.star {
-        visit(child, rest, found);
+        visit(child, tokens, found);
     }
 }
 
