@@ -11,13 +11,12 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::group::{DoneCommand, GroupReport, GroupSpec, Layout, ReadyReport};
+use crate::group::{spawn_subscribers, DoneCommand, GroupReport, Layout, ReadyReport};
 use crate::load::LoadArgs;
 use crate::payload;
 use crate::publisher::{self, PublishPlan, PublishReport};
 use crate::session::{Codec, SubscriberSettings, Target};
 use crate::stats::{fmt_ns, new_histogram, DeliveryTally, LatencySummary};
-use crate::worker::{shares, Worker, WorkerSpec};
 
 /// Options of `herald-bench fanout`.
 #[derive(Debug, Clone, Args)]
@@ -95,27 +94,16 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
     };
     let timeout = Duration::from_secs_f64(args.load.timeout_secs);
 
-    let procs = args.load.sub_procs.clamp(1, args.subscribers);
-    let mut workers = Vec::with_capacity(procs);
-    for (i, (offset, count)) in shares(args.subscribers, procs).into_iter().enumerate() {
-        let spec = WorkerSpec::Group(GroupSpec {
-            settings: settings.clone(),
-            urls: urls.clone(),
-            layout: Layout::Fanout {
-                topic: topic.clone(),
-                messages: args.messages,
-            },
-            offset,
-            count,
-            connect_concurrency: args.load.connect_concurrency,
-            deadline_secs: args.load.timeout_secs,
-        });
-        workers.push(Worker::spawn(
-            format!("subs-{i}"),
-            &spec,
-            args.load.sub_threads,
-        )?);
-    }
+    let mut workers = spawn_subscribers(
+        &args.load,
+        &settings,
+        &urls,
+        Layout::Fanout {
+            topic: topic.clone(),
+            messages: args.messages,
+        },
+        args.subscribers,
+    )?;
 
     let ready = ReadyReport::gather(&mut workers, timeout).await?;
     let unrelated = match args.unrelated_wildcards {

@@ -17,10 +17,11 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::clock::now_ns;
+use crate::load::LoadArgs;
 use crate::session::{AnySubscriber, FrameOutcome, SubscriberConn, SubscriberSettings};
 use crate::stats::{new_histogram, DeliveryTally, DeliveryTracker, HistogramData, SharedHistogram};
 use crate::topics::TopicLayout;
-use crate::worker::ParentLink;
+use crate::worker::{shares, ParentLink, Worker, WorkerSpec};
 use crate::ws::{self, BufferProfile};
 
 /// Which topic and URL each subscriber gets.
@@ -85,6 +86,32 @@ pub struct ReadyReport {
     pub subscribed: usize,
     pub failed: usize,
     pub first_error: Option<String>,
+}
+
+/// Starts the subscriber child processes: `subscribers` spread over
+/// `load.sub_procs` workers, each holding its share of `layout`.
+pub fn spawn_subscribers(
+    load: &LoadArgs,
+    settings: &SubscriberSettings,
+    urls: &[String],
+    layout: Layout,
+    subscribers: usize,
+) -> Result<Vec<Worker>> {
+    let procs = load.sub_procs.clamp(1, subscribers);
+    let mut workers = Vec::with_capacity(procs);
+    for (i, (offset, count)) in shares(subscribers, procs).into_iter().enumerate() {
+        let spec = WorkerSpec::Group(GroupSpec {
+            settings: settings.clone(),
+            urls: urls.to_vec(),
+            layout: layout.clone(),
+            offset,
+            count,
+            connect_concurrency: load.connect_concurrency,
+            deadline_secs: load.timeout_secs,
+        });
+        workers.push(Worker::spawn(format!("subs-{i}"), &spec, load.sub_threads)?);
+    }
+    Ok(workers)
 }
 
 impl ReadyReport {

@@ -22,13 +22,12 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::fanout::settle;
-use crate::group::{DoneCommand, GroupReport, GroupSpec, Layout, ReadyReport, TopicIssue};
+use crate::group::{spawn_subscribers, DoneCommand, GroupReport, Layout, ReadyReport, TopicIssue};
 use crate::load::LoadArgs;
 use crate::payload;
 use crate::publisher::{self, PublishPlan, PublishReport};
 use crate::session::{Codec, SubscriberSettings, Target};
 use crate::stats::{fmt_ns, new_histogram, DeliveryTally, LatencySummary};
-use crate::worker::{shares, Worker, WorkerSpec};
 
 /// Topics listed in the summary's `issues` at most (the worst first).
 const LISTED_ISSUES: usize = 20;
@@ -259,24 +258,13 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
         );
     }
 
-    let procs = args.load.sub_procs.clamp(1, subscribers);
-    let mut workers = Vec::with_capacity(procs);
-    for (i, (offset, count)) in shares(subscribers, procs).into_iter().enumerate() {
-        let spec = WorkerSpec::Group(GroupSpec {
-            settings: settings.clone(),
-            urls: urls.clone(),
-            layout: Layout::Topics(layout.clone()),
-            offset,
-            count,
-            connect_concurrency: args.load.connect_concurrency,
-            deadline_secs: args.load.timeout_secs,
-        });
-        workers.push(Worker::spawn(
-            format!("subs-{i}"),
-            &spec,
-            args.load.sub_threads,
-        )?);
-    }
+    let mut workers = spawn_subscribers(
+        &args.load,
+        &settings,
+        &urls,
+        Layout::Topics(layout.clone()),
+        subscribers,
+    )?;
 
     let ready = ReadyReport::gather(&mut workers, timeout).await?;
     settle(args.load.settle_secs, args.load.target, urls.len()).await;
