@@ -59,15 +59,7 @@ pub async fn docker<S: AsRef<str>>(args: &[S]) -> Result<String> {
                 args.join(" ")
             )
         })??;
-    if !out.status.success() {
-        bail!(
-            "docker {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    stdout_of(&args, out)
 }
 
 /// `docker ARGS` from synchronous code (drop guards, stale cleanup).
@@ -77,6 +69,12 @@ fn docker_blocking(args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .context("running the docker CLI")?;
+    stdout_of(args, out)
+}
+
+/// A finished `docker ARGS`: its standard output, trimmed, or an error that
+/// carries its standard error.
+fn stdout_of(args: &[&str], out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "docker {} failed ({}): {}",
