@@ -343,6 +343,29 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
+/// Connects through the load balancer, retrying with exponential backoff
+/// and counting the failures; `None` once told to stop.
+async fn connect_or_stop(
+    lb: SocketAddr,
+    stop: &mut watch::Receiver<bool>,
+    failures: &mut u32,
+) -> Option<WsClient> {
+    let mut backoff = BACKOFF_MIN;
+    while !*stop.borrow() {
+        match WsConnect::new(lb).connect().await {
+            Ok(ws) => return Some(ws),
+            Err(_) => {
+                *failures += 1;
+                if sleep_or_stop(backoff, stop).await {
+                    return None;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    None
+}
+
 struct Publisher {
     id: u32,
     lb: SocketAddr,
@@ -360,20 +383,12 @@ impl Publisher {
             ..PublisherLog::default()
         };
         let mut counter = 0u64;
-        let mut backoff = BACKOFF_MIN;
         'sessions: while !*self.stop.borrow() {
-            let mut ws = match WsConnect::new(self.lb).connect().await {
-                Ok(ws) => ws,
-                Err(_) => {
-                    log.connect_failures += 1;
-                    if sleep_or_stop(backoff, &mut self.stop).await {
-                        break;
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
+            let Some(mut ws) =
+                connect_or_stop(self.lb, &mut self.stop, &mut log.connect_failures).await
+            else {
+                break;
             };
-            backoff = BACKOFF_MIN;
             log.sessions += 1;
             loop {
                 if *self.stop.borrow() {
@@ -493,20 +508,12 @@ impl Subscriber {
             .collect();
         let mut states = vec![TopicState::default(); self.topics.len()];
         let mut session = 0u32;
-        let mut backoff = BACKOFF_MIN;
         while !*self.stop.borrow() {
-            let mut ws = match WsConnect::new(self.lb).connect().await {
-                Ok(ws) => ws,
-                Err(_) => {
-                    log.connect_failures += 1;
-                    if sleep_or_stop(backoff, &mut self.stop).await {
-                        break;
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
+            let Some(mut ws) =
+                connect_or_stop(self.lb, &mut self.stop, &mut log.connect_failures).await
+            else {
+                break;
             };
-            backoff = BACKOFF_MIN;
             session += 1;
             log.events.push(SubEvent::Connected {
                 session,
@@ -535,7 +542,7 @@ impl Subscriber {
                 }
                 _ => {
                     drop(ws);
-                    backoff
+                    BACKOFF_MIN
                 }
             };
             if sleep_or_stop(away, &mut self.stop).await {
