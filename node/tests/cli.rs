@@ -58,16 +58,19 @@ fn free_port() -> u16 {
 fn doctor_passes_a_fitting_host_and_fails_a_taken_port() {
     let admin = format!("127.0.0.1:{}", free_port());
     let client = format!("127.0.0.1:{}", free_port());
-    let ok = herald()
-        .args([
-            "--client-max-connections",
-            "100",
-            "--client-listen",
-            &client,
-        ])
-        .args(["--admin-listen", &admin, "doctor"])
-        .output()
-        .expect("run herald doctor");
+    let doctor = || {
+        herald()
+            .args([
+                "--client-max-connections",
+                "100",
+                "--client-listen",
+                &client,
+            ])
+            .args(["--admin-listen", &admin, "doctor"])
+            .output()
+            .expect("run herald doctor")
+    };
+    let ok = doctor();
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{text}");
     for item in [
@@ -81,16 +84,7 @@ fn doctor_passes_a_fitting_host_and_fails_a_taken_port() {
         assert!(text.contains(item), "no {item} line:\n{text}");
     }
     let holder = std::net::TcpListener::bind(&client).expect("hold the client port");
-    let taken = herald()
-        .args([
-            "--client-max-connections",
-            "100",
-            "--client-listen",
-            &client,
-        ])
-        .args(["--admin-listen", &admin, "doctor"])
-        .output()
-        .expect("run herald doctor");
+    let taken = doctor();
     drop(holder);
     let text = String::from_utf8_lossy(&taken.stdout);
     assert!(!taken.status.success(), "{text}");
