@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use cluster_tests::node::{member_generation, member_state, ring_owners, CONVERGE_TIMEOUT};
 use cluster_tests::{
-    check_err, seq_epoch, Ca, Cluster, Node, NodeBuilder, PeerMetrics, WsClient, QUIET,
+    check_err, seq_epoch, Ca, Cluster, Metrics, Node, NodeBuilder, PeerMetrics, WsClient, QUIET,
 };
 use serde_json::{json, Value};
 
@@ -962,31 +962,67 @@ type PeerView = BTreeMap<String, BTreeMap<String, PeerMetrics>>;
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn peer_view(cluster: &Cluster) -> Result<PeerView> {
+    scraped_view(cluster, Metrics::peers).await
+}
+
+/// What `pick` takes from every live node's `/metrics`, by node id.
+async fn scraped_view<T>(
+    cluster: &Cluster,
+    pick: impl Fn(&Metrics) -> T,
+) -> Result<BTreeMap<String, T>> {
     let mut view = BTreeMap::new();
     for node in cluster.live() {
-        view.insert(node.id().to_owned(), node.metrics().await?.peers());
+        view.insert(node.id().to_owned(), pick(&node.metrics().await?));
     }
     Ok(view)
 }
 
-/// Scrapes every live node until `check` accepts the view, for at most
-/// `timeout`; the error carries `check`'s last complaint and the view.
+/// Scrapes every live node until `check` accepts the per-peer view, for at
+/// most `timeout`; the error carries `check`'s last complaint and the view.
 async fn wait_peer_view(
     cluster: &Cluster,
     what: &str,
     timeout: Duration,
     check: impl Fn(&PeerView) -> Result<()>,
 ) -> Result<PeerView> {
+    wait_scraped(cluster, what, timeout, Metrics::peers, check).await
+}
+
+/// [`wait_peer_view`] for what `pick` takes from each scrape.
+async fn wait_scraped<T: std::fmt::Debug>(
+    cluster: &Cluster,
+    what: &str,
+    timeout: Duration,
+    pick: impl Fn(&Metrics) -> T,
+    check: impl Fn(&BTreeMap<String, T>) -> Result<()>,
+) -> Result<BTreeMap<String, T>> {
     let deadline = Instant::now() + timeout;
     loop {
-        let view = peer_view(cluster).await?;
+        let view = scraped_view(cluster, &pick).await?;
         match check(&view) {
             Ok(()) => return Ok(view),
             Err(e) if Instant::now() > deadline => {
-                bail!("{what}: not within {timeout:?}: {e:#}\nper-peer metrics: {view:#?}")
+                bail!("{what}: not within {timeout:?}: {e:#}\nscraped: {view:#?}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// A node's cluster-wide gauges and counters: members by state, ring
+/// changes, and the publish-to-deliver histogram's count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ClusterMetrics {
+    ready: f64,
+    ring_changes: f64,
+    delivered: f64,
+}
+
+fn cluster_metrics(m: &Metrics) -> ClusterMetrics {
+    ClusterMetrics {
+        ready: m.labeled("herald_cluster_members", "state", "ready"),
+        ring_changes: m.sum("herald_ring_changes_total"),
+        delivered: m.sum("herald_publish_to_deliver_seconds_count"),
     }
 }
 
@@ -1152,6 +1188,20 @@ async fn per_peer_metrics_follow_the_traffic_and_a_restart() -> Result<()> {
     )
     .await?;
     let after = counted_traffic(&cluster, "first").await?;
+    // Every node has three ready members and timed the deliveries it made.
+    let before_kill = wait_scraped(
+        &cluster,
+        "three ready members and timed deliveries",
+        LINK_TIMEOUT,
+        cluster_metrics,
+        |v| {
+            for (node, c) in v {
+                ensure!(c.ready == 3.0 && c.delivered > 0.0, "{node}: {c:?}");
+            }
+            Ok(())
+        },
+    )
+    .await?;
 
     // kill -9 n3: both survivors see its link go down (idle timeout) and
     // keep theirs.
@@ -1172,6 +1222,24 @@ async fn per_peer_metrics_follow_the_traffic_and_a_restart() -> Result<()> {
         }
         Ok(())
     })
+    .await?;
+    // ... count two ready members and recompute their ring without it.
+    wait_scraped(
+        &cluster,
+        "n3 off the survivors' members and rings",
+        FAILOVER_BOUND,
+        cluster_metrics,
+        |v| {
+            for (node, _) in survivors {
+                let (was, is) = (before_kill[node], v[node]);
+                ensure!(
+                    is.ready == 2.0 && is.ring_changes > was.ring_changes,
+                    "{node}: {was:?} then {is:?}"
+                );
+            }
+            Ok(())
+        },
+    )
     .await?;
 
     // Restarted, n3 is linked again: the survivors count a reconnection
@@ -1296,6 +1364,17 @@ async fn a_publish_during_an_owner_outage_is_answered_in_bounded_time() -> Resul
         unavailable > 0 && http_statuses.contains_key(&503),
         "no publish was refused: the frozen node owned nothing?"
     );
+    // Each refusal was counted where the request came in.
+    for (node, refused) in [(0, unavailable), (1, http_statuses[&503])] {
+        let counted = cluster.nodes[node]
+            .metrics()
+            .await?
+            .sum("herald_owner_unavailable_total");
+        ensure!(
+            counted >= refused as f64,
+            "node {node}: {refused} refused, herald_owner_unavailable_total {counted}"
+        );
+    }
     Ok(())
 }
 
