@@ -128,6 +128,7 @@ pub async fn run(args: FanoutArgs) -> Result<FanoutSummary> {
         payload_bytes: args.load.payload_bytes,
         rate: args.load.rate,
         window: args.load.window,
+        confirm: args.load.confirm,
         confirm_timeout: Duration::from_secs(30),
     };
     let published = publisher::publish(&plan).await;

@@ -65,6 +65,22 @@ pub fn encode_sub(codec: Codec, id: u64, topic: &str) -> Message {
     }
 }
 
+/// Encodes a `ping` request.
+pub fn encode_ping(codec: Codec, id: u64) -> Message {
+    match codec {
+        Codec::Json => Message::text(format!(r#"{{"op":"ping","id":{id}}}"#)),
+        Codec::Msgpack => {
+            let mut buf = Vec::with_capacity(24);
+            write_map(&mut buf, 2);
+            write_str(&mut buf, "op");
+            write_str(&mut buf, "ping");
+            write_str(&mut buf, "id");
+            write_uint(&mut buf, id);
+            Message::binary(buf)
+        }
+    }
+}
+
 /// Builds `pub` frames carrying benchmark payloads.
 pub struct PubEncoder {
     codec: Codec,
@@ -83,16 +99,20 @@ impl PubEncoder {
         }
     }
 
-    /// The `pub` frame for message `index`, acknowledged with `id`.
-    pub fn encode(&mut self, id: u64, index: u64, sent_ns: u64) -> Message {
+    /// The `pub` frame for message `index`, acknowledged with `id` if any.
+    pub fn encode(&mut self, id: Option<u64>, index: u64, sent_ns: u64) -> Message {
         self.payload.clear();
         payload::encode(index, sent_ns, self.payload_bytes, &mut self.payload);
         let mut buf = Vec::with_capacity(self.payload.len() + self.topic.len() + 48);
         match self.codec {
             Codec::Json => {
-                buf.extend_from_slice(br#"{"op":"pub","id":"#);
-                buf.extend_from_slice(id.to_string().as_bytes());
-                buf.extend_from_slice(br#","topic":""#);
+                buf.extend_from_slice(br#"{"op":"pub","#);
+                if let Some(id) = id {
+                    buf.extend_from_slice(br#""id":"#);
+                    buf.extend_from_slice(id.to_string().as_bytes());
+                    buf.push(b',');
+                }
+                buf.extend_from_slice(br#""topic":""#);
                 buf.extend_from_slice(self.topic.as_bytes());
                 buf.extend_from_slice(br#"","data":""#);
                 buf.extend_from_slice(&self.payload);
@@ -104,11 +124,13 @@ impl PubEncoder {
                 }
             }
             Codec::Msgpack => {
-                write_map(&mut buf, 4);
+                write_map(&mut buf, 3 + u32::from(id.is_some()));
                 write_str(&mut buf, "op");
                 write_str(&mut buf, "pub");
-                write_str(&mut buf, "id");
-                write_uint(&mut buf, id);
+                if let Some(id) = id {
+                    write_str(&mut buf, "id");
+                    write_uint(&mut buf, id);
+                }
                 write_str(&mut buf, "topic");
                 write_str(&mut buf, &self.topic);
                 write_str(&mut buf, "data");
@@ -452,7 +474,7 @@ mod tests {
     #[test]
     fn msgpack_pub_and_msg() {
         let mut enc = PubEncoder::new(Codec::Msgpack, "a.b", 32);
-        let Message::Binary(bytes) = enc.encode(9, 2, 77) else {
+        let Message::Binary(bytes) = enc.encode(Some(9), 2, 77) else {
             panic!("binary expected")
         };
         let value = rmpv::decode::read_value(&mut &bytes[..]).expect("decode");
@@ -479,11 +501,48 @@ mod tests {
     #[test]
     fn json_pub_is_valid_json() {
         let mut enc = PubEncoder::new(Codec::Json, "a.b", 64);
-        let Message::Text(text) = enc.encode(3, 1, 2) else {
+        let Message::Text(text) = enc.encode(Some(3), 1, 2) else {
             panic!("text expected")
         };
         let value: serde_json::Value = serde_json::from_str(text.as_str()).expect("json");
         assert_eq!(value["op"], "pub");
+        assert_eq!(value["id"], 3);
         assert_eq!(value["data"].as_str().map(str::len), Some(64));
+    }
+
+    #[test]
+    fn unconfirmed_pub_has_no_id_in_either_codec() {
+        let mut enc = PubEncoder::new(Codec::Json, "a.b", 16);
+        let Message::Text(text) = enc.encode(None, 1, 2) else {
+            panic!("text expected")
+        };
+        let value: serde_json::Value = serde_json::from_str(text.as_str()).expect("json");
+        assert_eq!(value["op"], "pub");
+        assert_eq!(value["topic"], "a.b");
+        assert!(value.get("id").is_none(), "{value}");
+
+        let mut enc = PubEncoder::new(Codec::Msgpack, "a.b", 16);
+        let Message::Binary(bytes) = enc.encode(None, 1, 2) else {
+            panic!("binary expected")
+        };
+        let value = rmpv::decode::read_value(&mut &bytes[..]).expect("decode");
+        assert_eq!(value["op"].as_str(), Some("pub"));
+        assert_eq!(value["topic"].as_str(), Some("a.b"));
+        assert!(value["id"].is_nil(), "{value}");
+    }
+
+    #[test]
+    fn ping_in_both_codecs() {
+        let Message::Text(text) = encode_ping(Codec::Json, 7) else {
+            panic!("text expected")
+        };
+        let value: serde_json::Value = serde_json::from_str(text.as_str()).expect("json");
+        assert_eq!(value, serde_json::json!({"op": "ping", "id": 7}));
+        let Message::Binary(bytes) = encode_ping(Codec::Msgpack, 7) else {
+            panic!("binary expected")
+        };
+        let value = rmpv::decode::read_value(&mut &bytes[..]).expect("decode");
+        assert_eq!(value["op"].as_str(), Some("ping"));
+        assert_eq!(value["id"].as_u64(), Some(7));
     }
 }

@@ -1,9 +1,25 @@
 //! Options shared by the load scenarios (`fanout`, `topics`): protocol,
 //! payload, pacing, subscriber processes and time limits.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 use crate::session::{Codec, ParseMode, Target};
+
+/// How a publisher learns that its messages were taken, which is what its
+/// window of unconfirmed messages counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confirm {
+    /// Herald: every `pub` carries an `id`, and its `ok` (sent once the
+    /// topic's owner sequenced it, possibly on another node) confirms it.
+    /// NATS has no such reply and uses `ping` instead.
+    Ack,
+    /// Both brokers: no per-message reply; a ping after every `window / 4`
+    /// messages, and its pong (sent once the node took every earlier
+    /// message of the connection) confirms them.
+    Ping,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
@@ -25,6 +41,9 @@ pub struct LoadArgs {
     /// Most unconfirmed messages in flight per publisher connection.
     #[arg(long, default_value_t = 256)]
     pub window: usize,
+    /// How publishes are confirmed (NATS always uses ping).
+    #[arg(long, value_enum, default_value = "ack")]
+    pub confirm: Confirm,
     /// Child processes holding the subscribers.
     #[arg(long, default_value_t = 1)]
     pub sub_procs: usize,

@@ -5,14 +5,15 @@
 //! `i` of every topic, then message `i + 1` of every topic that has one, and so
 //! on; each topic's payload indices run from 0.
 //!
-//! At most `window` messages are unconfirmed at any time. Herald confirms
-//! each `pub` with an `ok` (its id is `slot << 32 | (index + 1)`, where
-//! `slot` is the topic's place in the plan, so the `ok` can be tied to its
-//! topic; the `ok` carries the topic's `seq`). NATS has no acknowledgements, so a `PING` follows
-//! every `window / 4` messages and its `PONG` confirms them (the server
-//! handles a connection's operations in order, so by then they were fanned
-//! out). The send timestamp is taken when a message is encoded, so time
-//! spent waiting for the window or the schedule is not hidden from latency.
+//! At most `window` messages are unconfirmed at any time, confirmed as
+//! [`Confirm`] says. With `ack` (Herald only), each `pub` carries an id
+//! `slot << 32 | (index + 1)`, where `slot` is the topic's place in the plan,
+//! so the `ok` (which carries the topic's `seq`) can be tied to its topic.
+//! With `ping` (NATS always, having no acknowledgements), a ping follows
+//! every `window / 4` messages and its pong confirms them: the server
+//! handles a connection's operations in order, so by then it took them. The
+//! send timestamp is taken when a message is encoded, so time spent waiting
+//! for the window or the schedule is not hidden from latency.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::clock::now_ns;
 use crate::herald::{self, FrameParser, PubEncoder, Reply};
+use crate::load::Confirm;
 use crate::nats::{self, NatsEvent, NatsParser};
 use crate::payload;
 use crate::session::{Codec, ParseMode, Target};
@@ -51,6 +53,7 @@ pub struct PublishPlan {
     /// Messages per second; 0 for as fast as the window allows.
     pub rate: f64,
     pub window: usize,
+    pub confirm: Confirm,
     /// Longest wait for a confirmation before giving up.
     pub confirm_timeout: Duration,
 }
@@ -81,7 +84,7 @@ struct AckState {
     max_seqs: Vec<AtomicU64>,
     server_errors: AtomicU64,
     first_error: Mutex<Option<String>>,
-    /// NATS: messages covered by each outstanding PING, oldest first.
+    /// Messages covered by each outstanding ping, oldest first.
     ping_batches: Mutex<VecDeque<u64>>,
 }
 
@@ -178,6 +181,7 @@ async fn send_all(
     let total: u64 = plan.counts.iter().sum();
     let mut nats_payload = Vec::with_capacity(plan.payload_bytes + 64);
     let ping_every = (plan.window as u64 / 4).max(1);
+    let pings = plan.target == Target::Nats || plan.confirm == Confirm::Ping;
     let mut unpinged = 0u64;
     let interval_ns = if plan.rate > 0.0 {
         (1e9 / plan.rate) as u64
@@ -220,28 +224,39 @@ async fn send_all(
             report.first_send_ns = sent_ns;
         }
         report.last_send_ns = sent_ns;
+        let ping_now = pings && {
+            unpinged += 1;
+            unpinged == ping_every || k + 1 == total
+        };
+        if ping_now {
+            acks.ping_batches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(unpinged);
+            unpinged = 0;
+        }
         let frame = match plan.target {
             Target::Herald => {
-                herald_encoders[slot].encode(((slot as u64) << 32) | (index + 1), index, sent_ns)
+                let id = (!pings).then_some(((slot as u64) << 32) | (index + 1));
+                herald_encoders[slot].encode(id, index, sent_ns)
             }
             Target::Nats => {
                 let mut pl = Vec::with_capacity(plan.payload_bytes + 32);
                 payload::encode(index, sent_ns, plan.payload_bytes, &mut pl);
                 nats_payload.clear();
                 nats::encode_pub(&plan.topics[slot], &pl, &mut nats_payload);
-                unpinged += 1;
-                if unpinged == ping_every || k + 1 == total {
-                    acks.ping_batches
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push_back(unpinged);
-                    unpinged = 0;
+                if ping_now {
                     nats_payload.extend_from_slice(nats::PING);
                 }
                 Message::binary(nats_payload.clone())
             }
         };
         sink.feed(frame).await.context("sending publish")?;
+        if ping_now && plan.target == Target::Herald {
+            sink.feed(herald::encode_ping(plan.codec, k))
+                .await
+                .context("sending ping")?;
+        }
         report.sent += 1;
         unflushed += 1;
         if unflushed >= FLUSH_EVERY {
@@ -346,6 +361,7 @@ async fn read_herald_acks(
                     }
                     window.add_permits(1);
                 }
+                Reply::Pong => confirm_ping(&acks, &window),
                 Reply::Err { id, code, message } => {
                     acks.note_error(format!("pub {id:?}: {code}: {message}"));
                     if id.is_some() {
@@ -357,6 +373,18 @@ async fn read_herald_acks(
             }
         }
     }
+}
+
+/// A pong confirms the messages its ping followed.
+fn confirm_ping(acks: &AckState, window: &Semaphore) {
+    let covered = acks
+        .ping_batches
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop_front()
+        .unwrap_or(0);
+    acks.confirmed.fetch_add(covered, Ordering::Relaxed);
+    window.add_permits(covered as usize);
 }
 
 async fn read_nats_pongs(mut stream: SplitStream<Ws>, window: Arc<Semaphore>, acks: Arc<AckState>) {
@@ -378,16 +406,7 @@ async fn read_nats_pongs(mut stream: SplitStream<Ws>, window: Arc<Semaphore>, ac
         parser.feed(&bytes);
         loop {
             match parser.next_event() {
-                Ok(Some(NatsEvent::Pong)) => {
-                    let covered = acks
-                        .ping_batches
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .pop_front()
-                        .unwrap_or(0);
-                    acks.confirmed.fetch_add(covered, Ordering::Relaxed);
-                    window.add_permits(covered as usize);
-                }
+                Ok(Some(NatsEvent::Pong)) => confirm_ping(&acks, &window),
                 Ok(Some(NatsEvent::Err(e))) => acks.note_error(e),
                 Ok(Some(_)) => {}
                 Ok(None) => break,

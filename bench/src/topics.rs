@@ -225,6 +225,7 @@ pub async fn run(args: TopicsArgs) -> Result<TopicsSummary> {
                     payload_bytes: args.load.payload_bytes,
                     rate: 0.0,
                     window: args.load.window,
+                    confirm: args.load.confirm,
                     confirm_timeout: Duration::from_secs(30),
                 },
                 Vec::new(),
