@@ -1278,6 +1278,81 @@ async fn per_peer_metrics_follow_the_traffic_and_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// Sends `count` unacknowledged publishes spread over `topics` as fast as
+/// the socket takes them, then a ping: its pong means the node took them
+/// all. Returns the data strings sent.
+async fn flood(
+    ws: &mut WsClient,
+    tag: &str,
+    topics: &[String],
+    count: usize,
+) -> Result<Vec<String>> {
+    let mut sent = Vec::with_capacity(count);
+    for i in 0..count {
+        let topic = &topics[i % topics.len()];
+        let d = data(tag, topic, i);
+        ws.feed_json(json!({"op": "pub", "topic": topic, "data": d}))
+            .await?;
+        sent.push(d);
+        if i % 64 == 63 {
+            ws.flush().await?;
+        }
+    }
+    let id = ws.fresh_id();
+    ws.send_json(json!({"op": "ping", "id": id})).await?;
+    ws.expect_pong(id)
+        .await
+        .with_context(|| format!("{tag}: pong after {count} publishes"))?;
+    Ok(sent)
+}
+
+/// Publishers faster than the links between nodes (unacknowledged
+/// publishes, as fast as their sockets take them) are slowed, not dropped:
+/// with small peer queues every message reaches a subscriber on another
+/// node, no node drops a frame, and the ingress node counts the waits.
+#[tokio::test]
+async fn publishers_faster_than_the_links_are_slowed_instead_of_dropped() -> Result<()> {
+    const PER_PUBLISHER: usize = 2000;
+    let cluster = Cluster::start(3, |b| b.flag("--cluster-peer-queue-frames", "256")).await?;
+    let topics = topics("flood", 30);
+    let mut sub = Subscriber::connect(&cluster.nodes[2], "sub").await?;
+    sub.sub_all(&topics).await?;
+    let mut floods = Vec::new();
+    for k in 0..3 {
+        let mut ws = cluster.nodes[0].ws().await?;
+        let topics = topics.clone();
+        floods.push(tokio::spawn(async move {
+            flood(&mut ws, &format!("p{k}"), &topics, PER_PUBLISHER).await
+        }));
+    }
+    let mut want = BTreeSet::new();
+    for flood in floods {
+        want.extend(flood.await.context("publisher task")??);
+    }
+    sub.wait_for(&want, Duration::from_secs(30)).await?;
+    sub.check_order(false)?;
+    let ingress = cluster.nodes[0].metrics().await?;
+    ensure!(
+        ingress.sum("herald_publish_backlog_waits_total") > 0.0,
+        "the links never backed up, so this test proved nothing"
+    );
+    for node in &cluster.nodes {
+        let m = node.metrics().await?;
+        for name in [
+            "herald_peer_frames_dropped_total",
+            "herald_owner_unavailable_total",
+        ] {
+            ensure!(
+                m.sum(name) == 0.0,
+                "{}: {name} = {}",
+                node.id(),
+                m.sum(name)
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_publish_during_an_owner_outage_is_answered_in_bounded_time() -> Result<()> {
     // The owner is frozen (SIGSTOP) and gossip never calls it dead (a huge

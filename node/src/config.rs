@@ -222,6 +222,13 @@ pub struct Settings {
     /// `unavailable` after this long.
     #[arg(long = "cluster-request-timeout", env = "HERALD_CLUSTER_REQUEST_TIMEOUT", value_parser = duration)]
     pub cluster_request_timeout: Option<Duration>,
+    /// Frames queued for one peer; client publishes wait while a quarter
+    /// of it is used, and frames beyond it are dropped.
+    #[arg(
+        long = "cluster-peer-queue-frames",
+        env = "HERALD_CLUSTER_PEER_QUEUE_FRAMES"
+    )]
+    pub cluster_peer_queue_frames: Option<usize>,
     /// QUIC keep-alive between nodes.
     #[arg(long = "cluster-keep-alive", env = "HERALD_CLUSTER_KEEP_ALIVE", value_parser = duration)]
     pub cluster_keep_alive: Option<Duration>,
@@ -364,6 +371,8 @@ pub struct ClusterConfig {
     pub join_timeout: Duration,
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
+    /// Frames queued for one peer (see [`crate::transport::Backlog`]).
+    pub peer_queue_frames: usize,
     #[serde(with = "duration_text")]
     pub keep_alive: Duration,
     #[serde(with = "duration_text")]
@@ -467,6 +476,7 @@ impl Default for ClusterConfig {
             vnodes: 160,
             join_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(3),
+            peer_queue_frames: crate::transport::quic::SEND_QUEUE_FRAMES,
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
         }
@@ -610,6 +620,10 @@ impl Config {
             &mut self.cluster.request_timeout,
             &s.cluster_request_timeout,
         );
+        set(
+            &mut self.cluster.peer_queue_frames,
+            &s.cluster_peer_queue_frames,
+        );
         set(&mut self.cluster.keep_alive, &s.cluster_keep_alive);
         set(&mut self.cluster.idle_timeout, &s.cluster_idle_timeout);
         set(&mut self.gossip.listen, &s.gossip_listen);
@@ -649,6 +663,9 @@ impl Config {
         }
         if self.client.ping_interval.is_zero() || self.client.idle_timeout.is_zero() {
             return invalid("client.ping_interval", "intervals must be above zero");
+        }
+        if self.cluster.peer_queue_frames < 16 {
+            return invalid("cluster.peer_queue_frames", "must be at least 16");
         }
         if self.history.max_messages == 0 {
             return invalid("history.max_messages", "must be at least 1");

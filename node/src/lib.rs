@@ -274,7 +274,13 @@ fn start_transport(config: &Config, node: &NodeId, generation: u64) -> Result<Pe
     // Frames from peers wait here for the coordinator: bounded, so a slow
     // node pushes back on its peers' streams instead of growing.
     let (inbound_tx, inbound) = mpsc::channel(8192);
-    let transport = QuicTransport::start(config.cluster.listen, &configs, hello, inbound_tx)?;
+    let transport = QuicTransport::start(
+        config.cluster.listen,
+        &configs,
+        hello,
+        inbound_tx,
+        config.cluster.peer_queue_frames,
+    )?;
     transport.register_metrics();
     Ok(Peers {
         transport: Arc::new(transport),

@@ -146,6 +146,8 @@ pub struct Metrics {
     pub http_publishes: Counter,
     pub owner_unavailable: Counter,
     pub peer_frames_dropped: Counter,
+    pub publish_backlog_waits: Counter,
+    pub publish_backlog_timeouts: Counter,
     pub ring_changes: Counter,
     pub members_ready: Gauge,
     pub members_joining: Gauge,
@@ -181,6 +183,8 @@ impl Metrics {
             http_publishes: Counter::new(),
             owner_unavailable: Counter::new(),
             peer_frames_dropped: Counter::new(),
+            publish_backlog_waits: Counter::new(),
+            publish_backlog_timeouts: Counter::new(),
             ring_changes: Counter::new(),
             members_ready: Gauge::new(),
             members_joining: Gauge::new(),
@@ -345,6 +349,18 @@ impl Metrics {
             "herald_peer_frames_dropped_total",
             "Frames to other nodes that could not be queued (no connection, or queue full).",
             self.peer_frames_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "herald_publish_backlog_waits_total",
+            "Client publishes held back because a link to another node was backed up.",
+            self.publish_backlog_waits.get(),
+        );
+        counter(
+            &mut out,
+            "herald_publish_backlog_timeouts_total",
+            "Held-back publishes let through because the link stayed backed up past cluster.request_timeout.",
+            self.publish_backlog_timeouts.get(),
         );
         counter(
             &mut out,

@@ -13,13 +13,14 @@ use std::time::Duration;
 use protocol::peer::PeerFrame;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::METRICS;
 use crate::outbox::{SessionHandle, SessionId};
 use crate::owner::{NodeId, OwnerLimits, SubKey};
 use crate::ring::Placement;
 use crate::shard::{
     Command, Completion, InterestLatch, Publish, Shard, ShardSetup, MAX_SHARDS, SHARD_BITS,
 };
-use crate::transport::SharedTransport;
+use crate::transport::{SharedTransport, Waited};
 
 /// Commands a shard may have queued before senders wait.
 const SHARD_QUEUE: usize = 4096;
@@ -44,6 +45,8 @@ pub struct RouterSetup {
 pub struct Router {
     shards: Arc<[mpsc::Sender<Command>]>,
     transport: Option<SharedTransport>,
+    /// How long a client publish waits for a backed-up link.
+    backlog_wait: Duration,
 }
 
 impl std::fmt::Debug for Router {
@@ -83,6 +86,7 @@ impl Router {
         Router {
             shards: shards.into(),
             transport: setup.transport,
+            backlog_wait: setup.request_timeout,
         }
     }
 
@@ -112,7 +116,21 @@ impl Router {
         Ok(())
     }
 
+    /// A client's publish. While a link to another node is backed up it
+    /// waits (up to the request timeout) before it goes on: the client is
+    /// slowed through its own socket instead of its messages being dropped
+    /// at a full link. Shards never wait on links, so this cannot deadlock.
     pub async fn publish(&self, publish: Publish) -> Result<(), RouterError> {
+        if let Some(transport) = &self.transport {
+            match transport.backlog().wait_clear(self.backlog_wait).await {
+                Waited::Clear => {}
+                Waited::Relieved => METRICS.publish_backlog_waits.inc(),
+                Waited::TimedOut => {
+                    METRICS.publish_backlog_waits.inc();
+                    METRICS.publish_backlog_timeouts.inc();
+                }
+            }
+        }
         let shard = self.shard_of(publish.topic.as_str());
         self.send(shard, Command::Publish(publish)).await
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Inbound, PeerAddr, Transport, TransportError};
+use super::{Backlog, Inbound, LinkBacklog, PeerAddr, Transport, TransportError};
 use crate::owner::NodeId;
 
 /// Frames queued per direction before `send` reports `QueueFull`.
@@ -22,6 +22,8 @@ const LINK_QUEUE: usize = 65_536;
 struct Wire {
     /// Registered nodes: their generation and their inbound channel.
     nodes: HashMap<NodeId, (u64, mpsc::Sender<Inbound>)>,
+    /// Each node's view of its links' queues.
+    backlogs: HashMap<NodeId, Arc<Backlog>>,
     /// Who each node wants to be connected to (from `set_peers`).
     wanted: HashMap<NodeId, HashSet<NodeId>>,
     /// Live links, by ordered pair (low, high).
@@ -29,7 +31,7 @@ struct Wire {
     /// Pairs that may not connect (a partition).
     cut: HashSet<(NodeId, NodeId)>,
     /// One ordered queue per direction of each link.
-    senders: HashMap<(NodeId, NodeId), mpsc::Sender<Bytes>>,
+    senders: HashMap<(NodeId, NodeId), (mpsc::Sender<Bytes>, Arc<LinkBacklog>)>,
 }
 
 fn pair(a: &NodeId, b: &NodeId) -> (NodeId, NodeId) {
@@ -77,10 +79,12 @@ impl MemoryNetwork {
         }
         wire.nodes.insert(node.clone(), (generation, inbound));
         wire.wanted.entry(node.clone()).or_default();
+        let backlog = wire.backlogs.entry(node.clone()).or_default().clone();
         Self::reconcile(&mut wire);
         MemoryTransport {
             node,
             network: self.clone(),
+            backlog,
         }
     }
 
@@ -147,7 +151,10 @@ impl MemoryNetwork {
                     continue;
                 };
                 let (tx, mut rx) = mpsc::channel::<Bytes>(LINK_QUEUE);
-                wire.senders.insert((from.clone(), to.clone()), tx);
+                let backlog = wire.backlogs.entry(from.clone()).or_default().clone();
+                let backlog = Arc::new(LinkBacklog::new(backlog, LINK_QUEUE));
+                wire.senders
+                    .insert((from.clone(), to.clone()), (tx, backlog.clone()));
                 let from_id = from.clone();
                 // One forwarding task per direction keeps the link's order
                 // and lets `send` stay non-blocking.
@@ -160,6 +167,7 @@ impl MemoryNetwork {
                         if inbound.send(event).await.is_err() {
                             return;
                         }
+                        backlog.drained(rx.len());
                     }
                 });
             }
@@ -182,6 +190,7 @@ impl MemoryNetwork {
 pub struct MemoryTransport {
     node: NodeId,
     network: MemoryNetwork,
+    backlog: Arc<Backlog>,
 }
 
 impl Transport for MemoryTransport {
@@ -194,14 +203,16 @@ impl Transport for MemoryTransport {
             });
         }
         let wire = self.network.lock();
-        let sender = wire
+        let (sender, backlog) = wire
             .senders
             .get(&(self.node.clone(), to.clone()))
             .ok_or_else(|| TransportError::NotConnected(to.clone()))?;
         sender.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(to.clone()),
             mpsc::error::TrySendError::Closed(_) => TransportError::NotConnected(to.clone()),
-        })
+        })?;
+        backlog.queued(sender.max_capacity() - sender.capacity());
+        Ok(())
     }
 
     fn set_peers(&self, peers: Vec<PeerAddr>) {
@@ -211,6 +222,10 @@ impl Transport for MemoryTransport {
             peers.into_iter().map(|p| p.node).collect(),
         );
         MemoryNetwork::reconcile(&mut wire);
+    }
+
+    fn backlog(&self) -> &Backlog {
+        &self.backlog
     }
 }
 

@@ -13,14 +13,23 @@
 //! only after it proved its identity (for QUIC: a certificate from the
 //! cluster CA and a matching hello), and [`Inbound::PeerDown`] when that
 //! connection ends.
+//!
+//! `send` never waits, so shards never block on a peer (two shards waiting
+//! on each other's links would deadlock the cluster); a full queue refuses
+//! the frame. What keeps queues from filling is [`Backlog`]: client
+//! publishes wait while a link is backed up, which slows publishers through
+//! their own sockets instead of dropping their messages between nodes.
 
 pub mod memory;
 pub mod quic;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::owner::NodeId;
 
@@ -74,6 +83,192 @@ pub trait Transport: Send + Sync + 'static {
     /// The transport dials, re-dials with backoff, and drops connections to
     /// nodes no longer listed.
     fn set_peers(&self, peers: Vec<PeerAddr>);
+
+    /// Whether any link's send queue is backed up.
+    fn backlog(&self) -> &Backlog;
+}
+
+/// Whether any of a node's links to its peers is backed up: past a quarter
+/// of its queue, until it drains to an eighth. Client ingress waits on it.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    /// Links past their high-water mark.
+    congested: AtomicUsize,
+    /// A wait timed out since the last time no link was backed up: a peer
+    /// that stopped reading (and is not yet found dead) must cost ingress
+    /// one timeout, not one per publish.
+    stalled: AtomicBool,
+    relieved: Notify,
+}
+
+/// What waiting on a [`Backlog`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// No link was backed up.
+    Clear,
+    /// A link was backed up and drained within the limit.
+    Relieved,
+    /// A link was still backed up when the limit passed.
+    TimedOut,
+}
+
+impl Backlog {
+    pub fn is_congested(&self) -> bool {
+        self.congested.load(Ordering::Acquire) > 0
+    }
+
+    /// Waits, for at most `limit`, until no link is backed up. Once a wait
+    /// timed out, the next ones do not wait until every link drained.
+    pub async fn wait_clear(&self, limit: Duration) -> Waited {
+        if !self.is_congested() {
+            return Waited::Clear;
+        }
+        if self.stalled.load(Ordering::Acquire) {
+            return Waited::TimedOut;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let relieved = self.relieved.notified();
+            tokio::pin!(relieved);
+            // Registered before the check, so a release in between is seen.
+            relieved.as_mut().enable();
+            if !self.is_congested() {
+                return Waited::Relieved;
+            }
+            if tokio::time::timeout_at(deadline, relieved).await.is_err() {
+                self.stalled.store(true, Ordering::Release);
+                // Released in between: the flag must not outlive it.
+                if !self.is_congested() {
+                    self.stalled.store(false, Ordering::Release);
+                }
+                return Waited::TimedOut;
+            }
+        }
+    }
+}
+
+/// One link's send queue as its node's [`Backlog`] sees it. Dropping it
+/// (the link ended) releases its part of the backlog.
+#[derive(Debug)]
+pub struct LinkBacklog {
+    backlog: Arc<Backlog>,
+    congested: AtomicBool,
+    high: usize,
+    low: usize,
+}
+
+impl LinkBacklog {
+    /// For a queue of `capacity` frames.
+    pub fn new(backlog: Arc<Backlog>, capacity: usize) -> LinkBacklog {
+        let high = (capacity / 4).max(1);
+        LinkBacklog {
+            backlog,
+            congested: AtomicBool::new(false),
+            high,
+            low: high / 2,
+        }
+    }
+
+    /// After a frame was queued: `queued` frames wait now.
+    pub fn queued(&self, queued: usize) {
+        if queued >= self.high && !self.congested.swap(true, Ordering::AcqRel) {
+            self.backlog.congested.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// After the link's writer took frames: `queued` frames are left.
+    pub fn drained(&self, queued: usize) {
+        if queued <= self.low {
+            self.release();
+        }
+    }
+
+    fn release(&self) {
+        if self.congested.swap(false, Ordering::AcqRel) {
+            if self.backlog.congested.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.backlog.stalled.store(false, Ordering::Release);
+            }
+            self.backlog.relieved.notify_waiters();
+        }
+    }
+}
+
+impl Drop for LinkBacklog {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 pub type SharedTransport = Arc<dyn Transport>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_link_is_backed_up_past_a_quarter_until_it_drains_to_an_eighth() {
+        let backlog = Arc::new(Backlog::default());
+        let link = LinkBacklog::new(backlog.clone(), 64);
+        link.queued(15);
+        assert!(!backlog.is_congested());
+        link.queued(16);
+        assert!(backlog.is_congested());
+        link.queued(40);
+        link.drained(9);
+        assert!(backlog.is_congested(), "above the low-water mark");
+        link.drained(8);
+        assert!(!backlog.is_congested());
+        link.drained(0);
+        assert_eq!(backlog.congested.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn every_backed_up_link_must_drain_and_an_ended_link_releases() {
+        let backlog = Arc::new(Backlog::default());
+        let a = LinkBacklog::new(backlog.clone(), 64);
+        let b = LinkBacklog::new(backlog.clone(), 64);
+        a.queued(20);
+        b.queued(20);
+        a.drained(0);
+        assert!(backlog.is_congested(), "b is still backed up");
+        drop(b);
+        assert!(!backlog.is_congested());
+        assert_eq!(
+            backlog.wait_clear(Duration::from_secs(5)).await,
+            Waited::Clear
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_ends_when_the_link_drains_or_the_limit_passes() {
+        let backlog = Arc::new(Backlog::default());
+        let link = Arc::new(LinkBacklog::new(backlog.clone(), 64));
+        link.queued(64);
+        assert_eq!(
+            backlog.wait_clear(Duration::from_millis(50)).await,
+            Waited::TimedOut
+        );
+        // Stalled: the next publish does not wait again.
+        let before = tokio::time::Instant::now();
+        assert_eq!(
+            backlog.wait_clear(Duration::from_secs(10)).await,
+            Waited::TimedOut
+        );
+        assert!(before.elapsed() < Duration::from_secs(5));
+        // Drained and backed up again: waiting resumes.
+        link.drained(0);
+        link.queued(64);
+        let drainer = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                link.drained(3);
+            })
+        };
+        assert_eq!(
+            backlog.wait_clear(Duration::from_secs(5)).await,
+            Waited::Relieved
+        );
+        drainer.await.expect("drainer");
+    }
+}

@@ -34,13 +34,19 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-use super::{Inbound, PeerAddr, Transport, TransportError};
+use super::{Backlog, Inbound, LinkBacklog, PeerAddr, Transport, TransportError};
 use crate::metrics::{self, PeerStats};
 use crate::owner::NodeId;
 use crate::tls::{self, QuicConfigs, TlsError};
 
-/// Frames queued for one peer before `send` answers `QueueFull`.
+/// Frames queued for one peer before `send` answers `QueueFull`, by default
+/// (`cluster.peer_queue_frames`).
 pub const SEND_QUEUE_FRAMES: usize = 65_536;
+/// Kernel buffer asked for the QUIC socket, each way. The default (often
+/// 208 KiB) overflows in bursts between busy nodes: every datagram dropped
+/// there is a QUIC loss that stalls the link's ordered stream until it is
+/// sent again. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Frames written per flush: enough to amortise the flush, few enough that
 /// a burst does not wait behind one huge write.
 const WRITE_BATCH: usize = 1024;
@@ -164,6 +170,9 @@ struct Inner {
     tasks: Tasks,
     handshakes: Arc<Semaphore>,
     next_link: AtomicU64,
+    backlog: Arc<Backlog>,
+    /// Capacity of each link's send queue.
+    queue_frames: usize,
 }
 
 #[derive(Default)]
@@ -251,6 +260,7 @@ struct LinkHandle {
     generation: u64,
     dialed_by_us: bool,
     queue: mpsc::Sender<Bytes>,
+    backlog: Arc<LinkBacklog>,
     connection: Connection,
     /// Cancelled once the link's task has sent its `PeerDown`.
     ended: CancellationToken,
@@ -261,6 +271,7 @@ struct LinkHandle {
 struct Registered {
     id: u64,
     queue: mpsc::Receiver<Bytes>,
+    backlog: Arc<LinkBacklog>,
     counters: Arc<PeerCounters>,
     predecessor: Option<CancellationToken>,
     _ended: DropGuard,
@@ -284,6 +295,7 @@ impl QuicTransport {
         tls: &QuicConfigs,
         local: Hello,
         inbound: mpsc::Sender<Inbound>,
+        queue_frames: usize,
     ) -> Result<QuicTransport, QuicError> {
         if tls.node_id != local.node_id {
             return Err(QuicError::IdentityMismatch {
@@ -291,7 +303,7 @@ impl QuicTransport {
                 node: local.node_id,
             });
         }
-        QuicTransport::start_unchecked(bind, tls, local, inbound)
+        QuicTransport::start_unchecked(bind, tls, local, inbound, queue_frames)
     }
 
     /// [`QuicTransport::start`] without the identity check: tests use it to
@@ -301,10 +313,17 @@ impl QuicTransport {
         tls: &QuicConfigs,
         local: Hello,
         inbound: mpsc::Sender<Inbound>,
+        queue_frames: usize,
     ) -> Result<QuicTransport, QuicError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| QuicError::NoRuntime)?;
-        let endpoint = quinn::Endpoint::server(tls.server.clone(), bind)
-            .map_err(|source| QuicError::Bind { addr: bind, source })?;
+        let socket = udp_socket(bind).map_err(|source| QuicError::Bind { addr: bind, source })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(tls.server.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| QuicError::Bind { addr: bind, source })?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| QuicError::Bind { addr: bind, source })?;
@@ -320,6 +339,8 @@ impl QuicTransport {
             tasks: Tasks::new(runtime),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             next_link: AtomicU64::new(1),
+            backlog: Arc::new(Backlog::default()),
+            queue_frames: queue_frames.max(1),
         });
         inner.tasks.spawn(accept_loop(inner.clone()));
         info!(
@@ -437,7 +458,14 @@ impl Transport for QuicTransport {
                 TransportError::QueueFull(to.clone())
             }
             mpsc::error::TrySendError::Closed(_) => TransportError::NotConnected(to.clone()),
-        })
+        })?;
+        link.backlog
+            .queued(link.queue.max_capacity() - link.queue.capacity());
+        Ok(())
+    }
+
+    fn backlog(&self) -> &Backlog {
+        &self.inner.backlog
     }
 
     fn set_peers(&self, peers: Vec<PeerAddr>) {
@@ -600,7 +628,8 @@ impl Inner {
                 old.ended
             }),
         };
-        let (queue, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+        let (queue, rx) = mpsc::channel(self.queue_frames);
+        let backlog = Arc::new(LinkBacklog::new(self.backlog.clone(), self.queue_frames));
         let ended = CancellationToken::new();
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
         state.prune_stats(Instant::now());
@@ -612,6 +641,7 @@ impl Inner {
                 generation,
                 dialed_by_us,
                 queue,
+                backlog: backlog.clone(),
                 connection: connection.clone(),
                 ended: ended.clone(),
                 counters: counters.clone(),
@@ -620,6 +650,7 @@ impl Inner {
         Ok(Registered {
             id,
             queue: rx,
+            backlog,
             counters,
             predecessor,
             _ended: ended.drop_guard(),
@@ -1003,6 +1034,28 @@ async fn dial_hello(inner: &Inner, peer: &str, addr: SocketAddr) -> Result<Pendi
     }
 }
 
+/// The QUIC socket, with kernel buffers sized for bursts between nodes.
+fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    // Asking for more than the kernel allows is not an error: it is capped.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    // Linux reports twice what it grants (its bookkeeping overhead).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < UDP_BUFFER_BYTES {
+        warn!(
+            granted_bytes = granted,
+            wanted_bytes = UDP_BUFFER_BYTES,
+            "the QUIC socket's receive buffer is smaller than wanted: bursts between nodes may \
+             drop datagrams and stall links (raise net.core.rmem_max, see docs/production.md)"
+        );
+    }
+    socket.bind(&bind.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// A stream error only says "connection lost"; the connection knows why
 /// (a refusal's reason, a timeout).
 fn explain(connection: &Connection, error: LinkError) -> LinkError {
@@ -1024,6 +1077,7 @@ async fn run_link(
     let Registered {
         id,
         queue,
+        backlog,
         counters,
         predecessor,
         _ended,
@@ -1050,7 +1104,7 @@ async fn run_link(
 
     let result = tokio::select! {
         result = read_frames(&connection, &peer, &inner.inbound, &counters) => result,
-        result = write_frames(&connection, queue, &counters) => result,
+        result = write_frames(&connection, queue, &backlog, &counters) => result,
         error = connection.closed() => Err(error.into()),
     };
     let result = result.map_err(|e| explain(&connection, e));
@@ -1103,6 +1157,7 @@ async fn read_frames(
 async fn write_frames(
     connection: &Connection,
     mut queue: mpsc::Receiver<Bytes>,
+    backlog: &LinkBacklog,
     counters: &PeerCounters,
 ) -> Result<(), LinkError> {
     let send = connection.open_uni().await?;
@@ -1119,6 +1174,7 @@ async fn write_frames(
             out.feed(frame).await?;
         }
         SinkExt::<Bytes>::flush(&mut out).await?;
+        backlog.drained(queue.len());
         PeerCounters::add(&counters.sent_frames, frames);
         PeerCounters::add(&counters.sent_bytes, bytes);
     }
@@ -1297,6 +1353,7 @@ mod tests {
             configs,
             hello,
             tx,
+            SEND_QUEUE_FRAMES,
         )
         .expect("start");
         Node {
@@ -1897,6 +1954,7 @@ mod tests {
             &n2,
             hello("herald", "n0", 1),
             tx,
+            SEND_QUEUE_FRAMES,
         );
         assert!(matches!(refused, Err(QuicError::IdentityMismatch { .. })));
         let mut impostor = start(&n2, hello("herald", "n0", 1));
