@@ -58,6 +58,7 @@ SCENARIOS=(
   "fanout-max|fan-out, ${SUBSCRIBERS} subscribers over 3 nodes, ${FANOUT_MAX_MESSAGES} x 64 B at max rate|fanout -s ${SUBSCRIBERS} -n ${FANOUT_MAX_MESSAGES} -b 64 --sub-procs ${SUB_PROCS} --timeout-secs 240"
   "fanout-200|fan-out, ${SUBSCRIBERS} subscribers over 3 nodes, 2000 x 64 B at 200 msg/s|fanout -s ${SUBSCRIBERS} -n 2000 -b 64 --rate 200 --sub-procs ${SUB_PROCS} --timeout-secs 240"
   "topics-max|${TOPICS} topics x 1 subscriber, 3 publishers, every message crossing nodes, ${TOPICS_MAX_MESSAGES} x 64 B at max rate|topics -t ${TOPICS} -k 1 -n ${TOPICS_MAX_MESSAGES} -b 64 --sub-procs ${SUB_PROCS} --timeout-secs 240"
+  "topics-max-ping|${TOPICS} topics x 1 subscriber, 3 publishers, every message crossing nodes, ${TOPICS_MAX_MESSAGES} x 64 B at max rate, both brokers confirming by ping/pong every 64 (no per-message ack)|topics -t ${TOPICS} -k 1 -n ${TOPICS_MAX_MESSAGES} -b 64 --confirm ping --sub-procs ${SUB_PROCS} --timeout-secs 240"
   "topics-2000|${TOPICS} topics x 1 subscriber, 3 publishers, every message crossing nodes, 10000 x 64 B at 2000 msg/s|topics -t ${TOPICS} -k 1 -n 10000 -b 64 --rate 2000 --sub-procs ${SUB_PROCS} --timeout-secs 240"
 )
 

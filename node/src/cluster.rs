@@ -609,6 +609,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_owner_catches_up_a_node_whose_ring_moved_later() {
+        let (net, mut nodes) = cluster(&["a", "b", "c"]).await;
+        // A topic of c's that moves to a once c is gone.
+        let without_c = Placement::new(["a".into(), "b".into()], 64, 0);
+        let topic = (0..10_000)
+            .map(|i| format!("late.{i}"))
+            .find(|t| {
+                nodes[0].view.borrow().placement.owner(t) == Some("c")
+                    && without_c.owner(t) == Some("a")
+            })
+            .expect("a topic moving from c to a");
+        let mut client = Client::new();
+        let ok = client.sub(&nodes[1], &topic, None).await;
+        assert_eq!(ok["seq"], 0, "{ok}");
+        publish(&nodes[0], &topic, "1").await.expect("acked");
+        assert_eq!(client.next().await["data"], 1);
+
+        // a loses c first and takes the topic over (a new epoch) while b,
+        // whose subscriber registered at c, still places it on c.
+        net.cut(&"a".into(), &"c".into());
+        wait_for_ring(&mut nodes[..1], &["a", "b"]).await;
+        let first = publish(&nodes[0], &topic, "2").await.expect("acked");
+        let second = publish(&nodes[0], &topic, "3").await.expect("acked");
+        assert_eq!((first.0, second.0), (1, 2), "a new epoch at a");
+        assert_eq!(first.1, second.1);
+
+        // Then b loses c and registers its subscriber at a: what a
+        // sequenced meanwhile arrives, in order, from the epoch's start.
+        net.cut(&"b".into(), &"c".into());
+        wait_for_ring(&mut nodes[1..2], &["a", "b"]).await;
+        for (seq, data) in [(1, 2), (2, 3)] {
+            let msg = client.next().await;
+            assert_eq!(
+                (msg["seq"].as_u64(), msg["data"].as_u64()),
+                (Some(seq), Some(data)),
+                "{msg}"
+            );
+        }
+        let (seq, _) = publish(&nodes[1], &topic, "4").await.expect("acked");
+        assert_eq!(seq, 3);
+        let msg = client.next().await;
+        assert_eq!(
+            (msg["seq"].as_u64(), msg["data"].as_u64()),
+            (Some(3), Some(4))
+        );
+        client.nothing_more().await;
+    }
+
+    #[tokio::test]
     async fn a_publish_to_an_unreachable_owner_is_unavailable_in_bounded_time() {
         let (net, nodes) = cluster(&["a", "b"]).await;
         let topic = topic_owned_by(&nodes[0], "b", "cut");

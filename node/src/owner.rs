@@ -145,6 +145,29 @@ struct OwnedTopic {
     history: History,
     /// Exact-topic interest: plain (`None`) and per group.
     interest: HashMap<Option<GroupName>, Nodes>,
+    /// Nodes this epoch's messages were routed to, or that subscribed with
+    /// its state: they need no catching up (see
+    /// [`TopicOwner::rejoin_interest`]). At most one entry per member.
+    reached: Vec<NodeId>,
+}
+
+impl OwnedTopic {
+    fn new() -> OwnedTopic {
+        METRICS.topics.inc();
+        OwnedTopic {
+            seq: 0,
+            epoch: new_epoch(),
+            history: History::default(),
+            interest: HashMap::new(),
+            reached: Vec::new(),
+        }
+    }
+
+    fn reach(&mut self, node: &NodeId) {
+        if !self.reached.contains(node) {
+            self.reached.push(node.clone());
+        }
+    }
 }
 
 /// Owner state for the topics of one shard.
@@ -169,15 +192,9 @@ impl TopicOwner {
     }
 
     fn topic_mut(&mut self, topic: &Topic) -> &mut OwnedTopic {
-        self.topics.entry(topic.clone()).or_insert_with(|| {
-            METRICS.topics.inc();
-            OwnedTopic {
-                seq: 0,
-                epoch: new_epoch(),
-                history: History::default(),
-                interest: HashMap::new(),
-            }
-        })
+        self.topics
+            .entry(topic.clone())
+            .or_insert_with(OwnedTopic::new)
     }
 
     /// Sequences a message and says where it goes.
@@ -190,7 +207,11 @@ impl TopicOwner {
         now: Instant,
     ) -> (Arc<Sequenced>, Vec<Route>) {
         let limits = self.limits.clone();
-        let owned = self.topic_mut(&topic);
+        // Not `topic_mut`: the wildcard fields are borrowed alongside.
+        let owned = self
+            .topics
+            .entry(topic.clone())
+            .or_insert_with(OwnedTopic::new);
         owned.seq += 1;
         let message = Arc::new(Sequenced::new(
             topic,
@@ -254,18 +275,27 @@ impl TopicOwner {
                 }
             }
         });
+        for route in &routes {
+            owned.reach(&route.node);
+        }
         (message, routes)
     }
 
-    /// Records that `node` has subscribers for `key`.
+    /// Records that `node` has subscribers for `key`. For an exact topic,
+    /// `node` counts as caught up with the epoch from here on: it is sent
+    /// every later message, and a subscription through here starts from
+    /// the topic's current `seq`.
     pub fn add_interest(&mut self, node: &NodeId, key: &SubKey) {
         match key.pattern.as_topic() {
-            Some(topic) => self
-                .topic_mut(&topic)
-                .interest
-                .entry(key.group.clone())
-                .or_default()
-                .add(node),
+            Some(topic) => {
+                let owned = self.topic_mut(&topic);
+                owned.reach(node);
+                owned
+                    .interest
+                    .entry(key.group.clone())
+                    .or_default()
+                    .add(node)
+            }
             None => self
                 .wildcards
                 .entry(key.clone())
@@ -275,6 +305,31 @@ impl TopicOwner {
                 })
                 .add(node),
         }
+    }
+
+    /// Records `node`'s interest in `key` again after the ring moved or a
+    /// link came back, and returns the retained messages of the topic's
+    /// current epoch that were never routed to `node`. A new owner may
+    /// sequence a topic before every node with subscribers has told it of
+    /// them; those subscribers then get the new epoch from its start
+    /// instead of a gap. Only plain exact interest catches up (a queue
+    /// group's messages already went to one member elsewhere, and a
+    /// wildcard starts live), and only a node this epoch never reached, so
+    /// nothing arrives twice.
+    pub fn rejoin_interest(&mut self, node: &NodeId, key: &SubKey) -> Vec<Arc<Sequenced>> {
+        let catch_up = match (key.pattern.as_topic(), &key.group) {
+            (Some(topic), None) => {
+                let owned = self.topic_mut(&topic);
+                if owned.reached.contains(node) {
+                    Vec::new()
+                } else {
+                    owned.history.after(0).cloned().collect()
+                }
+            }
+            _ => Vec::new(),
+        };
+        self.add_interest(node, key);
+        catch_up
     }
 
     /// Records that `node` no longer has subscribers for `key`.
@@ -333,6 +388,7 @@ impl TopicOwner {
             owned.history = History::default();
             owned.seq = 0;
             owned.epoch = new_epoch();
+            owned.reached.clear();
         }
         METRICS.history_messages.add(-(dropped as i64));
     }
@@ -519,6 +575,51 @@ mod tests {
         assert_eq!(o.snapshot(&t, Some(6), Some(&epoch)).recovered, Some(false));
         let other = o.snapshot(&t, Some(4), Some("other"));
         assert_eq!((other.recovered, other.replay.len()), (Some(false), 0));
+    }
+
+    #[test]
+    fn a_rejoining_node_catches_up_only_on_what_never_reached_it() {
+        let mut o = owner();
+        let (n1, n2, n3): (NodeId, NodeId, NodeId) =
+            (Arc::from("n1"), Arc::from("n2"), Arc::from("n3"));
+        o.add_interest(&n1, &key("t", None));
+        for _ in 0..4 {
+            publish(&mut o, "t");
+        }
+        let seqs = |m: Vec<Arc<Sequenced>>| m.iter().map(|m| m.seq).collect::<Vec<_>>();
+        // n2 never heard of: what history holds of the epoch (3 of 4).
+        assert_eq!(seqs(o.rejoin_interest(&n2, &key("t", None))), [2, 3, 4]);
+        // Now it gets every message; registering again replays nothing.
+        let (_, routes) = publish(&mut o, "t");
+        assert!(routes.iter().any(|r| r.node == n2));
+        assert!(o.rejoin_interest(&n2, &key("t", None)).is_empty());
+        // n1 was routed every message.
+        assert!(o.rejoin_interest(&n1, &key("t", None)).is_empty());
+        // Queue groups and wildcards never catch up.
+        assert!(o.rejoin_interest(&n3, &key("t", Some("g"))).is_empty());
+        assert!(o.rejoin_interest(&n3, &key("t.*", None)).is_empty());
+        // n3 was routed a message (for its group): nothing to catch up.
+        publish(&mut o, "t");
+        assert!(o.rejoin_interest(&n3, &key("t", None)).is_empty());
+        // A subscription through this owner starts from its snapshot.
+        let fresh: NodeId = Arc::from("n4");
+        o.add_interest(&fresh, &key("u", None));
+        publish(&mut o, "u");
+        assert!(o.rejoin_interest(&fresh, &key("u", None)).is_empty());
+        // A new epoch reaches nobody yet.
+        o.new_epochs();
+        let (message, _) = publish(&mut o, "t");
+        assert_eq!(message.seq, 1);
+        o.remove_interest(&n1, &key("t", None));
+        o.remove_interest(&n2, &key("t", None));
+        o.remove_interest(&n3, &key("t", Some("g")));
+        o.remove_interest(&n3, &key("t", None));
+        let (_, routes) = publish(&mut o, "t");
+        assert!(routes.is_empty());
+        // n1 had seq 1 of this epoch: it is not sent seq 2 on coming back.
+        assert!(o.rejoin_interest(&n1, &key("t", None)).is_empty());
+        let late: NodeId = Arc::from("n5");
+        assert_eq!(seqs(o.rejoin_interest(&late, &key("t", None))), [1, 2]);
     }
 
     #[test]

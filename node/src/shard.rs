@@ -971,7 +971,20 @@ impl Shard {
                 // will not send again. A topic this node does not end up
                 // owning is dropped at the next ring change.
                 if present {
-                    self.owner.add_interest(&from, &key);
+                    // Messages this owner sequenced before it heard of the
+                    // node's subscribers go first, on the same ordered
+                    // stream as every later one.
+                    let catch_up = self.owner.rejoin_interest(&from, &key);
+                    if let Some(transport) = self.setup.transport.clone() {
+                        for message in catch_up {
+                            let Some(frame) = encode_deliver(&message, Vec::new()) else {
+                                continue;
+                            };
+                            if !self.send_bytes(&transport, &from, frame) {
+                                METRICS.peer_frames_dropped.inc();
+                            }
+                        }
+                    }
                 } else {
                     self.owner.remove_interest(&from, &key);
                 }
