@@ -1,5 +1,7 @@
 //! The cluster coordinator: turns membership (gossip) and peer connections
-//! (QUIC) into the placement ring, and peers' frames into shard commands.
+//! (QUIC) into the placement ring, and tells the shards when peers come and
+//! go. It answers each `PeerUp` with the router as the sink for that peer's
+//! frames, which then go from the link's task straight to the shards.
 //!
 //! One task owns this state. A member is placed on the ring only when gossip
 //! says it is ready AND this node holds an authenticated connection to it:
@@ -12,10 +14,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::peer::{self, PeerFrame};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::membership::{Member, MemberState};
@@ -129,29 +130,30 @@ impl Coordinator {
 
     /// False when the node is stopping (the router is gone).
     async fn on_inbound(&mut self, event: Inbound) -> bool {
-        let router = &self.setup.router;
         let delivered = match event {
-            Inbound::Frame { from, frame } => match peer::decode::<PeerFrame>(&frame) {
-                Ok(frame) => router.dispatch(from, frame).await,
-                Err(e) => {
-                    warn!(peer = %from, error = %e, "undecodable frame from a peer dropped");
-                    Ok(())
-                }
-            },
-            Inbound::PeerUp { node, generation } => {
+            Inbound::PeerUp {
+                node,
+                generation,
+                frames,
+            } => {
                 // The same generation again: the link broke and healed, and
                 // either side may have owned the other's topics meanwhile.
                 let reconnect = self.seen.insert(node.clone(), generation) == Some(generation);
                 info!(peer = %node, generation, reconnect, "peer connected");
                 self.connected.insert(node.clone());
-                let result = router.peer_up(node, reconnect).await;
+                let result = self.setup.router.peer_up(node, reconnect).await;
                 self.update().await;
+                // Every shard has the PeerUp queued: the peer's frames,
+                // dispatched from now on, come after it.
+                if result.is_ok() {
+                    let _ = frames.send(Arc::new(self.setup.router.clone()));
+                }
                 result
             }
             Inbound::PeerDown { node } => {
                 info!(peer = %node, "peer disconnected");
                 self.connected.remove(&node);
-                let result = router.peer_down(node).await;
+                let result = self.setup.router.peer_down(node).await;
                 self.update().await;
                 result
             }

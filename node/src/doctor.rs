@@ -138,29 +138,29 @@ pub fn check_syn_backlog(backlog: Option<u64>) -> Finding {
 }
 
 /// `tcp_rmem`/`tcp_wmem` defaults are what every idle connection may hold
-/// in kernel buffers; `rmem_default` is the receive buffer the QUIC socket
-/// between nodes gets (it does not ask for more).
+/// in kernel buffers; `rmem_max` caps the receive buffer the QUIC socket
+/// between nodes asks for ([`crate::transport::quic::UDP_BUFFER_BYTES`]).
 pub fn check_tcp_buffers(
     tcp_rmem: Option<[u64; 3]>,
     tcp_wmem: Option<[u64; 3]>,
-    rmem_default: Option<u64>,
+    rmem_max: Option<u64>,
 ) -> Finding {
-    let (Some(r), Some(w), Some(udp)) = (tcp_rmem, tcp_wmem, rmem_default) else {
+    let (Some(r), Some(w), Some(udp)) = (tcp_rmem, tcp_wmem, rmem_max) else {
         return Finding::warn(
             "tcp-buffers",
-            "cannot read tcp_rmem, tcp_wmem or rmem_default",
-            "check /proc/sys/net/ipv4/tcp_rmem and /proc/sys/net/core/rmem_default",
+            "cannot read tcp_rmem, tcp_wmem or rmem_max",
+            "check /proc/sys/net/ipv4/tcp_rmem and /proc/sys/net/core/rmem_max",
         );
     };
     let detail = format!(
-        "tcp_rmem {} {} {}, tcp_wmem {} {} {}, rmem_default {udp}",
+        "tcp_rmem {} {} {}, tcp_wmem {} {} {}, rmem_max {udp}",
         r[0], r[1], r[2], w[0], w[1], w[2]
     );
-    if udp < 2 * 1024 * 1024 {
+    if udp < crate::transport::quic::UDP_BUFFER_BYTES as u64 {
         return Finding::warn(
             "tcp-buffers",
             detail,
-            "sysctl -w net.core.rmem_default=2097152 net.core.rmem_max=7340032 (the QUIC socket between nodes gets rmem_default; bursts drop packets below about 2 MiB)",
+            "sysctl -w net.core.rmem_max=8388608 net.core.wmem_max=8388608 (the QUIC socket between nodes asks for 4 MiB and gets at most rmem_max; bursts drop datagrams below)",
         );
     }
     Finding::pass("tcp-buffers", detail)
@@ -323,7 +323,7 @@ pub fn examine(config: &Config) -> Vec<Finding> {
         check_fd_limit(soft, hard, max),
         check_somaxconn(read_u64("/proc/sys/net/core/somaxconn")),
         check_syn_backlog(read_u64("/proc/sys/net/ipv4/tcp_max_syn_backlog")),
-        check_tcp_buffers(rmem, wmem, read_u64("/proc/sys/net/core/rmem_default")),
+        check_tcp_buffers(rmem, wmem, read_u64("/proc/sys/net/core/rmem_max")),
     ];
     let limit = MemoryLimit::detect(config.admin.memory_limit)
         .read()
@@ -433,7 +433,11 @@ mod tests {
             Verdict::Warn
         );
         assert_eq!(
-            check_tcp_buffers(tcp, tcp, Some(7_340_032)).verdict,
+            check_tcp_buffers(tcp, tcp, Some(4_194_303)).verdict,
+            Verdict::Warn
+        );
+        assert_eq!(
+            check_tcp_buffers(tcp, tcp, Some(8_388_608)).verdict,
             Verdict::Pass
         );
     }

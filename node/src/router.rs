@@ -10,8 +10,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::peer::PeerFrame;
+use bytes::Bytes;
+use protocol::peer::{self, PeerFrame};
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::metrics::METRICS;
 use crate::outbox::{SessionHandle, SessionId};
@@ -20,7 +22,7 @@ use crate::ring::Placement;
 use crate::shard::{
     Command, Completion, InterestLatch, Publish, Shard, ShardSetup, MAX_SHARDS, SHARD_BITS,
 };
-use crate::transport::{SharedTransport, Waited};
+use crate::transport::{FrameSink, SharedTransport, Taking, Waited};
 
 /// Commands a shard may have queued before senders wait.
 const SHARD_QUEUE: usize = 4096;
@@ -297,5 +299,21 @@ impl Router {
         });
         let all = futures_util::future::join_all(checks);
         matches!(tokio::time::timeout(timeout, all).await, Ok(results) if results.iter().all(|ok| *ok))
+    }
+}
+
+/// Peers' frames go from each link's task straight to the shard they
+/// concern, decoded there: no one task carries every link's traffic.
+impl FrameSink for Router {
+    fn take<'a>(&'a self, from: &'a NodeId, frame: Bytes) -> Taking<'a> {
+        Box::pin(async move {
+            match peer::decode::<PeerFrame>(&frame) {
+                Ok(frame) => self.dispatch(from.clone(), frame).await.is_ok(),
+                Err(e) => {
+                    warn!(peer = %from, error = %e, "undecodable frame from a peer dropped");
+                    true
+                }
+            }
+        })
     }
 }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Backlog, Inbound, LinkBacklog, PeerAddr, Transport, TransportError};
 use crate::owner::NodeId;
@@ -150,6 +150,15 @@ impl MemoryNetwork {
                 let Some((_, inbound)) = wire.nodes.get(to).cloned() else {
                     continue;
                 };
+                // `to` hears that `from` is up, and answers with the sink
+                // that takes `from`'s frames.
+                let generation = wire.nodes.get(from).map(|(g, _)| *g).unwrap_or(0);
+                let (frames_tx, frames_rx) = oneshot::channel();
+                let _ = inbound.try_send(Inbound::PeerUp {
+                    node: from.clone(),
+                    generation,
+                    frames: frames_tx,
+                });
                 let (tx, mut rx) = mpsc::channel::<Bytes>(LINK_QUEUE);
                 let backlog = wire.backlogs.entry(from.clone()).or_default().clone();
                 let backlog = Arc::new(LinkBacklog::new(backlog, LINK_QUEUE));
@@ -159,26 +168,16 @@ impl MemoryNetwork {
                 // One forwarding task per direction keeps the link's order
                 // and lets `send` stay non-blocking.
                 tokio::spawn(async move {
+                    let Ok(sink) = frames_rx.await else {
+                        return;
+                    };
                     while let Some(frame) = rx.recv().await {
-                        let event = Inbound::Frame {
-                            from: from_id.clone(),
-                            frame,
-                        };
-                        if inbound.send(event).await.is_err() {
+                        if !sink.take(&from_id, frame).await {
                             return;
                         }
                         backlog.drained(rx.len());
                     }
                 });
-            }
-            for (to, up) in [(a, b), (b, a)] {
-                let generation = wire.nodes.get(up).map(|(g, _)| *g).unwrap_or(0);
-                if let Some((_, inbound)) = wire.nodes.get(to) {
-                    let _ = inbound.try_send(Inbound::PeerUp {
-                        node: up.clone(),
-                        generation,
-                    });
-                }
             }
             wire.links.insert(link);
         }
@@ -232,6 +231,7 @@ impl Transport for MemoryTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::testing::{events, Event};
     use std::time::Duration;
 
     fn peer(node: &str) -> PeerAddr {
@@ -242,7 +242,7 @@ mod tests {
         }
     }
 
-    async fn next(rx: &mut mpsc::Receiver<Inbound>) -> Inbound {
+    async fn next(rx: &mut mpsc::Receiver<Event>) -> Event {
         tokio::time::timeout(Duration::from_secs(2), rx.recv())
             .await
             .expect("an event within 2 s")
@@ -252,21 +252,22 @@ mod tests {
     #[tokio::test]
     async fn frames_arrive_in_order_and_cuts_report_down() {
         let net = MemoryNetwork::new();
-        let (a_tx, mut a_rx) = mpsc::channel(1024);
-        let (b_tx, mut b_rx) = mpsc::channel(1024);
+        let (a_tx, a_inbound) = mpsc::channel(1024);
+        let (b_tx, b_inbound) = mpsc::channel(1024);
+        let (mut a_rx, mut b_rx) = (events(a_inbound), events(b_inbound));
         let a = net.join("a".into(), 1, a_tx);
         let _b = net.join("b".into(), 1, b_tx);
         assert!(a.send(&"b".into(), Bytes::from_static(b"x")).is_err());
         a.set_peers(vec![peer("b")]);
-        assert!(matches!(next(&mut a_rx).await, Inbound::PeerUp { node, .. } if &*node == "b"));
-        assert!(matches!(next(&mut b_rx).await, Inbound::PeerUp { node, .. } if &*node == "a"));
+        assert!(matches!(next(&mut a_rx).await, Event::PeerUp { node, .. } if &*node == "b"));
+        assert!(matches!(next(&mut b_rx).await, Event::PeerUp { node, .. } if &*node == "a"));
         for i in 0..1000u32 {
             a.send(&"b".into(), Bytes::from(i.to_be_bytes().to_vec()))
                 .expect("send");
         }
         for i in 0..1000u32 {
             match next(&mut b_rx).await {
-                Inbound::Frame { from, frame } => {
+                Event::Frame { from, frame } => {
                     assert_eq!(&*from, "a");
                     assert_eq!(frame.as_ref(), i.to_be_bytes());
                 }
@@ -274,10 +275,10 @@ mod tests {
             }
         }
         net.cut(&"a".into(), &"b".into());
-        assert!(matches!(next(&mut a_rx).await, Inbound::PeerDown { .. }));
-        assert!(matches!(next(&mut b_rx).await, Inbound::PeerDown { .. }));
+        assert!(matches!(next(&mut a_rx).await, Event::PeerDown { .. }));
+        assert!(matches!(next(&mut b_rx).await, Event::PeerDown { .. }));
         assert!(a.send(&"b".into(), Bytes::from_static(b"x")).is_err());
         net.heal(&"a".into(), &"b".into());
-        assert!(matches!(next(&mut a_rx).await, Inbound::PeerUp { .. }));
+        assert!(matches!(next(&mut a_rx).await, Event::PeerUp { .. }));
     }
 }

@@ -1,7 +1,11 @@
 //! Peer transport: ordered, batched frame delivery between cluster nodes.
 //!
 //! The cluster logic (router, shards, rebalancing) only sees [`Transport`]:
-//! send encoded frames to a node id, and receive [`Inbound`] events. Two
+//! send encoded frames to a node id, receive [`Inbound`] events, and take
+//! peers' frames through the [`FrameSink`] it answers each `PeerUp` with.
+//! Frames go from each link's own task straight to the sink (the router,
+//! which hands them to shards), so no single task carries every node's
+//! inbound traffic. Two
 //! implementations: [`quic`] (the real one: one QUIC connection per pair of
 //! nodes, mutual TLS, one long-lived stream per direction) and [`memory`]
 //! (channels, for tests of routing and placement without sockets), the way
@@ -12,7 +16,8 @@
 //! breaks loses what was in flight); a peer is reported [`Inbound::PeerUp`]
 //! only after it proved its identity (for QUIC: a certificate from the
 //! cluster CA and a matching hello), and [`Inbound::PeerDown`] when that
-//! connection ends.
+//! connection ends; a link's frames reach the sink only after the cluster
+//! answered its `PeerUp`, and all of them before its `PeerDown` is sent.
 //!
 //! `send` never waits, so shards never block on a peer (two shards waiting
 //! on each other's links would deadlock the cluster); a full queue refuses
@@ -23,13 +28,15 @@
 pub mod memory;
 pub mod quic;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::owner::NodeId;
 
@@ -47,13 +54,31 @@ pub struct PeerAddr {
 /// What the transport tells the cluster.
 #[derive(Debug)]
 pub enum Inbound {
-    /// An authenticated connection to `node` is up; frames can flow.
-    PeerUp { node: NodeId, generation: u64 },
+    /// An authenticated connection to `node` is up. Its frames flow once
+    /// the cluster sends the sink to take them on `frames` (after it did
+    /// what must come before the first of them); a dropped `frames` means
+    /// the node is stopping.
+    PeerUp {
+        node: NodeId,
+        generation: u64,
+        frames: oneshot::Sender<SharedSink>,
+    },
     /// The connection to `node` ended; frames sent to it since may be lost.
     PeerDown { node: NodeId },
-    /// One encoded [`protocol::peer::PeerFrame`] from `from`.
-    Frame { from: NodeId, frame: Bytes },
 }
+
+/// The future of [`FrameSink::take`].
+pub type Taking<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
+/// Takes the frames of a peer, in order, from the task of that peer's link.
+pub trait FrameSink: Send + Sync + std::fmt::Debug + 'static {
+    /// One encoded [`protocol::peer::PeerFrame`] from `from`; resolves once
+    /// it was taken (it waits while the cluster is behind). False once
+    /// nothing takes frames any more: the node is stopping.
+    fn take<'a>(&'a self, from: &'a NodeId, frame: Bytes) -> Taking<'a>;
+}
+
+pub type SharedSink = Arc<dyn FrameSink>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -200,6 +225,63 @@ impl Drop for LinkBacklog {
 }
 
 pub type SharedTransport = Arc<dyn Transport>;
+
+/// For transport tests: the events of one node as one ordered stream, with
+/// frames in it, the way the transport hands them over. The stream holds
+/// at most 1,024 events: a test that stops reading it stops the links.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    #[derive(Debug)]
+    pub enum Event {
+        PeerUp { node: NodeId, generation: u64 },
+        PeerDown { node: NodeId },
+        Frame { from: NodeId, frame: Bytes },
+    }
+
+    /// Puts a link's frames into the event stream.
+    #[derive(Debug)]
+    struct ChannelSink(mpsc::Sender<Event>);
+
+    impl FrameSink for ChannelSink {
+        fn take<'a>(&'a self, from: &'a NodeId, frame: Bytes) -> Taking<'a> {
+            Box::pin(async move {
+                let from = from.clone();
+                self.0.send(Event::Frame { from, frame }).await.is_ok()
+            })
+        }
+    }
+
+    /// Answers every `PeerUp` with a sink feeding the returned stream, after
+    /// putting the `PeerUp` in it.
+    pub fn events(mut inbound: mpsc::Receiver<Inbound>) -> mpsc::Receiver<Event> {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(event) = inbound.recv().await {
+                let event = match event {
+                    Inbound::PeerUp {
+                        node,
+                        generation,
+                        frames,
+                    } => {
+                        if tx.send(Event::PeerUp { node, generation }).await.is_err() {
+                            return;
+                        }
+                        let _ = frames.send(Arc::new(ChannelSink(tx.clone())));
+                        continue;
+                    }
+                    Inbound::PeerDown { node } => Event::PeerDown { node },
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -28,13 +28,13 @@ use futures_util::{SinkExt, StreamExt};
 use protocol::peer::{self, Hello, PeerCodecError, MAX_PEER_FRAME_BYTES};
 use quinn::{Connection, VarInt};
 use rustls_pki_types::CertificateDer;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-use super::{Backlog, Inbound, LinkBacklog, PeerAddr, Transport, TransportError};
+use super::{Backlog, FrameSink, Inbound, LinkBacklog, PeerAddr, Transport, TransportError};
 use crate::metrics::{self, PeerStats};
 use crate::owner::NodeId;
 use crate::tls::{self, QuicConfigs, TlsError};
@@ -1087,23 +1087,33 @@ async fn run_link(
         predecessor.cancelled().await;
     }
     let addr = connection.remote_address();
+    let (frames_tx, frames_rx) = oneshot::channel();
     let announced = inner
         .announce(Inbound::PeerUp {
             node: peer.clone(),
             generation,
+            frames: frames_tx,
         })
         .await;
-    if !announced {
+    // The cluster answers once it is ready for the peer's frames.
+    let sink = match announced {
+        true => tokio::select! {
+            sink = frames_rx => sink.ok(),
+            _ = inner.stop.cancelled() => None,
+        },
+        false => None,
+    };
+    let Some(sink) = sink else {
         // Stopping: a PeerDown without its PeerUp would only confuse.
         connection.close(Close::Shutdown.code(), b"node shutting down");
         inner.unregister(&peer, id);
         return;
-    }
+    };
     PeerCounters::add(&counters.connections, 1);
     info!(peer = %peer, %addr, generation, "peer up");
 
     let result = tokio::select! {
-        result = read_frames(&connection, &peer, &inner.inbound, &counters) => result,
+        result = read_frames(&connection, &peer, sink.as_ref(), &counters) => result,
         result = write_frames(&connection, queue, &backlog, &counters) => result,
         error = connection.closed() => Err(error.into()),
     };
@@ -1124,11 +1134,11 @@ async fn run_link(
     info!(peer = %peer, %addr, reason, "peer down");
 }
 
-/// Forwards the peer's frames, waiting when the cluster is behind.
+/// Hands the peer's frames to the sink, waiting when the cluster is behind.
 async fn read_frames(
     connection: &Connection,
     peer: &NodeId,
-    inbound: &mpsc::Sender<Inbound>,
+    sink: &dyn FrameSink,
     counters: &PeerCounters,
 ) -> Result<(), LinkError> {
     let recv = connection.accept_uni().await?;
@@ -1140,12 +1150,8 @@ async fn read_frames(
             &counters.received_bytes,
             (frame.len() + LENGTH_PREFIX_BYTES) as u64,
         );
-        let event = Inbound::Frame {
-            from: peer.clone(),
-            frame,
-        };
-        if inbound.send(event).await.is_err() {
-            // Nobody listens any more: the node is stopping.
+        if !sink.take(peer, frame).await {
+            // Nobody takes frames any more: the node is stopping.
             return Ok(());
         }
     }
@@ -1282,6 +1288,7 @@ mod tests {
     use super::*;
     use crate::cert::{self, TestDir};
     use crate::tls::TlsMaterial;
+    use crate::transport::testing::{events, Event};
 
     /// Bound on every wait for something that should happen.
     const WAIT: Duration = Duration::from_secs(15);
@@ -1334,7 +1341,7 @@ mod tests {
 
     struct Node {
         transport: QuicTransport,
-        events: mpsc::Receiver<Inbound>,
+        events: mpsc::Receiver<Event>,
         id: NodeId,
         generation: u64,
     }
@@ -1345,7 +1352,7 @@ mod tests {
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .try_init();
-        let (tx, events) = mpsc::channel(1024);
+        let (tx, inbound) = mpsc::channel(1024);
         let id: NodeId = Arc::from(hello.node_id.as_str());
         let generation = hello.generation;
         let transport = QuicTransport::start_unchecked(
@@ -1358,7 +1365,7 @@ mod tests {
         .expect("start");
         Node {
             transport,
-            events,
+            events: events(inbound),
             id,
             generation,
         }
@@ -1377,7 +1384,7 @@ mod tests {
             }
         }
 
-        async fn next(&mut self) -> Inbound {
+        async fn next(&mut self) -> Event {
             match timeout(WAIT, self.events.recv()).await {
                 Ok(Some(event)) => event,
                 Ok(None) => panic!("{}: event channel closed", self.id),
@@ -1387,7 +1394,7 @@ mod tests {
 
         async fn expect_up(&mut self, peer: &Node) {
             match self.next().await {
-                Inbound::PeerUp { node, generation } => {
+                Event::PeerUp { node, generation } => {
                     assert_eq!(node, peer.id, "{}", self.id);
                     assert_eq!(generation, peer.generation, "{}", self.id);
                 }
@@ -1400,7 +1407,7 @@ mod tests {
 
         async fn expect_down(&mut self, peer: &NodeId) {
             match self.next().await {
-                Inbound::PeerDown { node } => assert_eq!(&node, peer, "{}", self.id),
+                Event::PeerDown { node } => assert_eq!(&node, peer, "{}", self.id),
                 other => panic!("{}: expected PeerDown of {peer}, got {other:?}", self.id),
             }
         }
@@ -1415,7 +1422,7 @@ mod tests {
         async fn expect_frames(&mut self, from: &NodeId, count: u64) {
             for i in 0..count {
                 match self.next().await {
-                    Inbound::Frame {
+                    Event::Frame {
                         from: sender,
                         frame,
                     } => {
@@ -1520,7 +1527,7 @@ mod tests {
         b.transport.send(&a_id, frame(N)).expect("send b->a");
         for (node, peer) in [(&mut b, &a_id), (&mut a, &b_id)] {
             match node.next().await {
-                Inbound::Frame { from, .. } => assert_eq!(&from, peer),
+                Event::Frame { from, .. } => assert_eq!(&from, peer),
                 other => panic!("{}: expected a frame, got {other:?}", node.id),
             }
         }
@@ -1674,7 +1681,7 @@ mod tests {
             let mut up = Vec::new();
             for _ in 0..2 {
                 match node.next().await {
-                    Inbound::PeerUp { node: peer, .. } => up.push(peer),
+                    Event::PeerUp { node: peer, .. } => up.push(peer),
                     other => panic!("{}: {other:?}", node.id),
                 }
             }
@@ -1762,8 +1769,8 @@ mod tests {
             let mut up = false;
             while let Ok(event) = node.events.try_recv() {
                 match event {
-                    Inbound::PeerUp { node: p, .. } if p == peer && !up => up = true,
-                    Inbound::PeerDown { node: p } if p == peer && up => up = false,
+                    Event::PeerUp { node: p, .. } if p == peer && !up => up = true,
+                    Event::PeerDown { node: p } if p == peer && up => up = false,
                     other => panic!("{}: out of order: {other:?}", node.id),
                 }
             }
