@@ -54,14 +54,19 @@ impl Placement {
         }
     }
 
-    /// The node that owns `topic`; `None` when no member is placed.
-    pub fn owner(&self, topic: &str) -> Option<&str> {
-        self.ring.try_get(topic).map(String::as_str)
+    /// The node that owns `topic`; `None` when no member is placed. The
+    /// member's own id, so callers keep it without allocating.
+    pub fn owner(&self, topic: &str) -> Option<&NodeId> {
+        let owner = self.ring.try_get(topic)?;
+        self.members
+            .binary_search_by(|m| (**m).cmp(owner.as_str()))
+            .ok()
+            .map(|at| &self.members[at])
     }
 
     /// True when `node` owns `topic`.
     pub fn owns(&self, node: &str, topic: &str) -> bool {
-        self.owner(topic) == Some(node)
+        self.ring.try_get(topic).is_some_and(|owner| owner == node)
     }
 
     pub fn members(&self) -> &[NodeId] {
@@ -134,6 +139,7 @@ impl Hasher for MixedFnvHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// Owners of "a".."d" on n1..n3 with 160 vnodes, as computed when the
     /// hash was chosen: a change here breaks mixed-version clusters.
@@ -141,6 +147,21 @@ mod tests {
 
     fn ids(names: &[&str]) -> Vec<NodeId> {
         names.iter().map(|n| NodeId::from(*n)).collect()
+    }
+
+    fn owner<'a>(placement: &'a Placement, topic: &str) -> Option<&'a str> {
+        placement.owner(topic).map(|node| &**node)
+    }
+
+    #[test]
+    fn owner_and_owns_agree_and_owner_is_the_members_own_id() {
+        let placement = Placement::new(ids(&["n1", "n2", "n3"]), 160, 1);
+        for i in 0..1000 {
+            let topic = format!("t.{i}");
+            let node = placement.owner(&topic).expect("owner");
+            assert!(placement.owns(node, &topic));
+            assert!(placement.members().iter().any(|m| Arc::ptr_eq(m, node)));
+        }
     }
 
     #[test]
@@ -170,7 +191,7 @@ mod tests {
         for i in 0..100_000 {
             let topic = format!("topic.{i}");
             *counts
-                .entry(placement.owner(&topic).expect("owner"))
+                .entry(owner(&placement, &topic).expect("owner"))
                 .or_default() += 1;
         }
         for (node, count) in counts {
@@ -186,7 +207,7 @@ mod tests {
             for i in 0..300 {
                 let topic = format!("{prefix}.{i}");
                 *counts
-                    .entry(placement.owner(&topic).expect("owner"))
+                    .entry(owner(&placement, &topic).expect("owner"))
                     .or_default() += 1;
             }
             assert_eq!(counts.len(), 3, "{prefix}: {counts:?}");
@@ -211,7 +232,7 @@ mod tests {
         let placement = Placement::new(ids(&["n1", "n2", "n3"]), 160, 1);
         let owners: Vec<&str> = ["a", "b", "c", "d"]
             .iter()
-            .map(|t| placement.owner(t).expect("owner"))
+            .map(|t| owner(&placement, t).expect("owner"))
             .collect();
         assert_eq!(owners, PINNED_OWNERS);
     }
@@ -223,7 +244,7 @@ mod tests {
         let mut moved = 0;
         for i in 0..10_000 {
             let topic = format!("t.{i}");
-            let (old, new) = (before.owner(&topic), after.owner(&topic));
+            let (old, new) = (owner(&before, &topic), owner(&after, &topic));
             if old != new {
                 assert_eq!(new, Some("n4"));
                 moved += 1;

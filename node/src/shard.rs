@@ -417,12 +417,7 @@ impl Shard {
         if self.setup.transport.is_none() {
             return Some(self.setup.node.clone());
         }
-        let owner = self.placement.owner(topic)?;
-        Some(if self.is_self(owner) {
-            self.setup.node.clone()
-        } else {
-            NodeId::from(owner)
-        })
+        self.placement.owner(topic).cloned()
     }
 
     fn new_req(&mut self) -> u64 {
@@ -1024,10 +1019,10 @@ impl Shard {
                 continue;
             }
             match after {
-                Some(owner) if owner == &*me => self.owner.add_interest(&me, &key),
+                Some(owner) if *owner == me => self.owner.add_interest(&me, &key),
                 Some(owner) => {
                     self.send(
-                        &NodeId::from(owner),
+                        owner,
                         &PeerFrame::Interest {
                             req: None,
                             key,
@@ -1052,7 +1047,7 @@ impl Shard {
             let Some(topic) = key.pattern.as_topic() else {
                 continue;
             };
-            if self.placement.owner(topic.as_str()) == Some(&**node) {
+            if self.placement.owner(topic.as_str()) == Some(node) {
                 self.send(
                     node,
                     &PeerFrame::Interest {
