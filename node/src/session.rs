@@ -7,8 +7,10 @@
 //! queued as one frame with one flush.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -476,6 +478,12 @@ async fn write_objects(
         METRICS.bytes_out.add(written);
         Ok(())
     };
+    // Most writes finish at once: only one that has to wait arms a timer.
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first {
+        return result;
+    }
     match tokio::time::timeout(stall, write).await {
         Ok(result) => result,
         Err(_) => Err(tungstenite::Error::Io(std::io::Error::new(
