@@ -435,6 +435,19 @@ mod tests {
             }
         }
 
+        /// The next object, which must be a `msg`: its `seq` and `data`.
+        async fn next_msg(&mut self) -> (u64, u64) {
+            let msg = self.next().await;
+            match (
+                msg["op"].as_str(),
+                msg["seq"].as_u64(),
+                msg["data"].as_u64(),
+            ) {
+                (Some("msg"), Some(seq), Some(data)) => (seq, data),
+                _ => panic!("expected a msg with numeric data, got {msg}"),
+            }
+        }
+
         async fn nothing_more(&mut self) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let taken = self.outbox.take();
@@ -603,11 +616,7 @@ mod tests {
         // again without reconnecting, sees seq start over.
         let (seq, _) = publish(&nodes[1], &topic, "2").await.expect("acked");
         assert_eq!(seq, 1);
-        let msg = client.next().await;
-        assert_eq!(
-            (msg["seq"].as_u64(), msg["data"].as_u64()),
-            (Some(1), Some(2))
-        );
+        assert_eq!(client.next_msg().await, (1, 2));
     }
 
     #[tokio::test]
@@ -638,21 +647,12 @@ mod tests {
         // sequenced meanwhile arrives, in order, from the epoch's start.
         net.cut(&"b".into(), &"c".into());
         wait_for_ring(&mut nodes[1..2], &["a", "b"]).await;
-        for (seq, data) in [(1, 2), (2, 3)] {
-            let msg = client.next().await;
-            assert_eq!(
-                (msg["seq"].as_u64(), msg["data"].as_u64()),
-                (Some(seq), Some(data)),
-                "{msg}"
-            );
+        for expected in [(1, 2), (2, 3)] {
+            assert_eq!(client.next_msg().await, expected);
         }
         let (seq, _) = publish(&nodes[1], &topic, "4").await.expect("acked");
         assert_eq!(seq, 3);
-        let msg = client.next().await;
-        assert_eq!(
-            (msg["seq"].as_u64(), msg["data"].as_u64()),
-            (Some(3), Some(4))
-        );
+        assert_eq!(client.next_msg().await, (3, 4));
         client.nothing_more().await;
     }
 

@@ -145,8 +145,9 @@ struct OwnedTopic {
     history: History,
     /// Exact-topic interest: plain (`None`) and per group.
     interest: HashMap<Option<GroupName>, Nodes>,
-    /// Nodes this epoch's messages were routed to, or that subscribed with
-    /// its state: they need no catching up (see
+    /// Nodes this epoch's messages went to from its start or from when
+    /// their exact interest was recorded (which marks them), or through a
+    /// wildcard: they need no catching up (see
     /// [`TopicOwner::rejoin_interest`]). At most one entry per member.
     reached: Vec<NodeId>,
 }
@@ -259,6 +260,8 @@ impl TopicOwner {
                 }
             }
         }
+        // Exact interest marked its nodes reached when it was recorded;
+        // only wildcard routes can reach a node for the first time.
         let wildcards = &mut self.wildcards;
         self.wildcard_index.for_each_match(topic, |key| {
             let Some(nodes) = wildcards.get_mut(key) else {
@@ -267,17 +270,16 @@ impl TopicOwner {
             match &key.group {
                 None => nodes.nodes.iter().for_each(|n| {
                     route_for(&mut routes, n);
+                    owned.reach(n);
                 }),
                 Some(_) => {
                     if let Some(node) = nodes.pick() {
                         route_for(&mut routes, node).groups.push(key.clone());
+                        owned.reach(node);
                     }
                 }
             }
         });
-        for route in &routes {
-            owned.reach(&route.node);
-        }
         (message, routes)
     }
 
@@ -388,7 +390,16 @@ impl TopicOwner {
             owned.history = History::default();
             owned.seq = 0;
             owned.epoch = new_epoch();
+            // Interest is kept: those nodes get the new epoch from its start.
             owned.reached.clear();
+            let interested: Vec<NodeId> = owned
+                .interest
+                .values()
+                .flat_map(|nodes| nodes.nodes.iter().cloned())
+                .collect();
+            for node in &interested {
+                owned.reach(node);
+            }
         }
         METRICS.history_messages.add(-(dropped as i64));
     }
@@ -606,7 +617,12 @@ mod tests {
         o.add_interest(&fresh, &key("u", None));
         publish(&mut o, "u");
         assert!(o.rejoin_interest(&fresh, &key("u", None)).is_empty());
-        // A new epoch reaches nobody yet.
+        // A node a wildcard brought the messages to has them already.
+        let wild: NodeId = Arc::from("n6");
+        o.add_interest(&wild, &key("w.*", None));
+        publish(&mut o, "w.x");
+        assert!(o.rejoin_interest(&wild, &key("w.x", None)).is_empty());
+        // A new epoch reaches the nodes with interest from its start.
         o.new_epochs();
         let (message, _) = publish(&mut o, "t");
         assert_eq!(message.seq, 1);

@@ -209,7 +209,9 @@ impl LinkBacklog {
     }
 
     fn release(&self) {
-        if self.congested.swap(false, Ordering::AcqRel) {
+        // A load first: the writer calls this after every batch, and the
+        // link is almost never backed up.
+        if self.congested.load(Ordering::Acquire) && self.congested.swap(false, Ordering::AcqRel) {
             if self.backlog.congested.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.backlog.stalled.store(false, Ordering::Release);
             }
