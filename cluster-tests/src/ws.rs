@@ -308,6 +308,28 @@ impl WsClient {
         }
     }
 
+    /// The objects of the next data frame, in order, waiting up to
+    /// `timeout`: for tests of how the server batches. Messages already
+    /// read past by a helper are an error, since their frames are unknown.
+    pub async fn recv_frame(&mut self, timeout: Duration) -> Result<Vec<Value>> {
+        ensure!(
+            self.pending.is_empty(),
+            "messages from earlier frames are still queued: {:?}",
+            self.pending
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.pending.is_empty() {
+            if let Some(ended) = &self.close {
+                bail!("session already ended: {ended:?}");
+            }
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("no frame within {timeout:?}"))?;
+            self.absorb(next)?;
+        }
+        Ok(self.pending.drain(..).collect())
+    }
+
     /// Handles one item from the stream: queues messages, records an end.
     fn absorb(&mut self, next: Option<Result<Message, WsError>>) -> Result<()> {
         let message = match next {

@@ -338,7 +338,7 @@ async fn invalid_values_refuse_the_start_and_say_where() -> Result<()> {
     let missing = missing.to_str().context("utf-8 path")?;
     // (what, arguments, environment, what the error must name)
     type Case<'a> = (&'a str, Vec<&'a str>, Option<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (
             "flag",
             vec!["--client-idle-timeout", "soon"],
@@ -362,6 +362,12 @@ async fn invalid_values_refuse_the_start_and_say_where() -> Result<()> {
             vec!["--config", &zero],
             None,
             "client.max_message_bytes",
+        ),
+        (
+            "write delay",
+            vec!["--client-write-delay", "2s"],
+            None,
+            "client.write_delay",
         ),
         (
             "missing file",

@@ -12,6 +12,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+/// Longest `client.write_delay`: beyond it batching saves nothing more and
+/// only adds latency.
+const MAX_WRITE_DELAY: Duration = Duration::from_secs(1);
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -172,6 +176,10 @@ pub struct Settings {
         env = "HERALD_CLIENT_OUTBOUND_QUEUE_BYTES"
     )]
     pub client_outbound_queue_bytes: Option<usize>,
+    /// How long a session may hold messages back to send them together
+    /// (0: send at once). Replies are never held back.
+    #[arg(long = "client-write-delay", env = "HERALD_CLIENT_WRITE_DELAY", value_parser = duration)]
+    pub client_write_delay: Option<Duration>,
 
     /// Admin listener: /metrics, /healthz, /readyz, /v1/cluster.
     #[arg(long = "admin-listen", env = "HERALD_ADMIN_LISTEN")]
@@ -339,6 +347,10 @@ pub struct ClientConfig {
     pub max_subscriptions: usize,
     pub outbound_queue: usize,
     pub outbound_queue_bytes: usize,
+    /// A session writes at most once per this period while messages keep
+    /// coming, batching them; zero writes each at once.
+    #[serde(with = "duration_text")]
+    pub write_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -448,6 +460,7 @@ impl Default for ClientConfig {
             max_subscriptions: protocol::limits::DEFAULT_MAX_SUBSCRIPTIONS,
             outbound_queue: 8192,
             outbound_queue_bytes: 16 * 1024 * 1024,
+            write_delay: Duration::ZERO,
         }
     }
 }
@@ -593,6 +606,7 @@ impl Config {
             &s.client_max_subscriptions,
         );
         set(&mut self.client.outbound_queue, &s.client_outbound_queue);
+        set(&mut self.client.write_delay, &s.client_write_delay);
         set(
             &mut self.client.outbound_queue_bytes,
             &s.client_outbound_queue_bytes,
@@ -663,6 +677,9 @@ impl Config {
         }
         if self.client.ping_interval.is_zero() || self.client.idle_timeout.is_zero() {
             return invalid("client.ping_interval", "intervals must be above zero");
+        }
+        if self.client.write_delay > MAX_WRITE_DELAY {
+            return invalid("client.write_delay", "must be at most 1s");
         }
         if self.cluster.peer_queue_frames < 16 {
             return invalid("cluster.peer_queue_frames", "must be at least 16");
@@ -759,10 +776,11 @@ mod tests {
     #[test]
     fn file_is_overridden_by_settings() {
         let file: Config = toml::from_str(
-            "[client]\nlisten = \"127.0.0.1:9000\"\nidle_timeout = \"5s\"\n[node]\nid = \"a\"\n",
+            "[client]\nlisten = \"127.0.0.1:9000\"\nidle_timeout = \"5s\"\nwrite_delay = \"20ms\"\n[node]\nid = \"a\"\n",
         )
         .expect("valid toml");
         assert_eq!(file.client.idle_timeout, Duration::from_secs(5));
+        assert_eq!(file.client.write_delay, Duration::from_millis(20));
         let mut config = file;
         config.apply(&Settings {
             node_id: Some("b".into()),

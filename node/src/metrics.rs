@@ -138,6 +138,8 @@ pub struct Metrics {
     pub messages_out: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    /// Flushes of a session's queue to its socket.
+    pub client_writes: Counter,
     pub slow_consumers: Counter,
     pub subscriptions: Gauge,
     pub topics: Gauge,
@@ -175,6 +177,7 @@ impl Metrics {
             messages_out: Counter::new(),
             bytes_in: Counter::new(),
             bytes_out: Counter::new(),
+            client_writes: Counter::new(),
             slow_consumers: Counter::new(),
             subscriptions: Gauge::new(),
             topics: Gauge::new(),
@@ -301,6 +304,12 @@ impl Metrics {
             "herald_bytes_out_total",
             "Bytes written to client sessions.",
             self.bytes_out.get(),
+        );
+        counter(
+            &mut out,
+            "herald_client_writes_total",
+            "Writes of queued messages and replies to client sockets, one flush each; messages out per write shows how much batching happens.",
+            self.client_writes.get(),
         );
         counter(
             &mut out,

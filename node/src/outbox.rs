@@ -5,6 +5,12 @@
 //! full queue marks the session a slow consumer and asks it to close with
 //! 4001. The queue holds no memory while empty, which keeps idle sessions
 //! small.
+//!
+//! The queue also says when waiting would not pay: a reply (`ok`, `pong`,
+//! `err`) or a close is queued, or the queue is half full. A writer that
+//! holds messages back to batch them (`client.write_delay`) writes at once
+//! then, so replies are never delayed and batching never makes a slow
+//! consumer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +43,10 @@ pub mod close_code {
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
 }
 
+/// A queue holding this much is written at once even when the writer
+/// batches: one frame's worth gains nothing from waiting.
+pub const FULL_BATCH_BYTES: usize = 256 * 1024;
+
 /// What happened to a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -53,6 +63,8 @@ struct Queue {
     bytes: usize,
     close: Option<u16>,
     writer_gone: bool,
+    /// Something queued should be written without waiting for more.
+    flush_now: bool,
 }
 
 #[derive(Debug)]
@@ -116,8 +128,19 @@ pub fn outbox(
 }
 
 impl SessionHandle {
-    /// Queues an encoded object for the client.
+    /// Queues an encoded message for the client; the writer may hold it
+    /// back for `client.write_delay` to batch it with the next ones.
     pub fn push(&self, object: Bytes) -> Pushed {
+        self.enqueue(object, false)
+    }
+
+    /// Queues a reply to one of the client's requests: the writer sends it
+    /// (and everything queued before it) without waiting.
+    pub fn push_reply(&self, object: Bytes) -> Pushed {
+        self.enqueue(object, true)
+    }
+
+    fn enqueue(&self, object: Bytes, urgent: bool) -> Pushed {
         let mut queue = self.shared.lock();
         if queue.close.is_some() || queue.writer_gone {
             return Pushed::Closed;
@@ -138,13 +161,20 @@ impl SessionHandle {
         let was_empty = queue.items.is_empty();
         queue.items.push_back(object);
         queue.bytes += len;
+        let becomes_due = !queue.flush_now
+            && (urgent
+                || queue.items.len() * 2 >= self.shared.max_items
+                || queue.bytes * 2 >= self.shared.max_bytes
+                || queue.bytes >= FULL_BATCH_BYTES);
+        queue.flush_now |= becomes_due;
         drop(queue);
-        // Only the push that makes the queue non-empty wakes the writer:
-        // the writer takes everything under the same lock, so a later push
-        // either joins what it will take or finds the queue empty again and
-        // notifies. `Notify` keeps the permit if the writer is not waiting
-        // yet. (Notifying on every push was 3% of a fan-out node's CPU.)
-        if was_empty {
+        // Only the push that makes the queue non-empty, or makes it due,
+        // wakes the writer: the writer takes everything under the same
+        // lock, so a later push either joins what it will take or finds
+        // the queue empty again and notifies. `Notify` keeps the permit if
+        // the writer is not waiting yet. (Notifying on every push was 3% of
+        // a fan-out node's CPU.)
+        if was_empty || becomes_due {
             self.shared.ready.notify_one();
         }
         Pushed::Queued
@@ -191,6 +221,7 @@ impl Outbox {
         let mut queue = self.shared.lock();
         std::mem::swap(&mut queue.items, &mut self.spare);
         queue.bytes = 0;
+        queue.flush_now = false;
         let close = queue.close;
         drop(queue);
         // Keep a buffer that a burst grew only while it is in use.
@@ -209,6 +240,13 @@ impl Outbox {
         if queue.close.is_none() {
             queue.close = Some(code);
         }
+    }
+
+    /// True when what is queued should be written without waiting: a
+    /// reply or a close is queued, or the queue is half full.
+    pub fn flush_due(&self) -> bool {
+        let queue = self.shared.lock();
+        queue.flush_now || queue.close.is_some()
     }
 
     pub fn close_requested(&self) -> Option<u16> {
@@ -250,6 +288,30 @@ mod tests {
         );
         assert_eq!(handle.push(Bytes::from_static(b"x")), Pushed::SlowConsumer);
         assert_eq!(outbox.take().objects.len(), 1);
+    }
+
+    #[test]
+    fn replies_and_a_half_full_queue_are_due_at_once() {
+        let (handle, mut outbox) = outbox(1, Codec::Json, 8, 1 << 20);
+        assert_eq!(handle.push(Bytes::from_static(b"m")), Pushed::Queued);
+        assert!(!outbox.flush_due(), "one message may wait");
+        assert_eq!(handle.push_reply(Bytes::from_static(b"r")), Pushed::Queued);
+        assert!(outbox.flush_due(), "a reply is due");
+        assert_eq!(outbox.take().objects.len(), 2);
+        assert!(!outbox.flush_due(), "taking clears it");
+        for _ in 0..3 {
+            handle.push(Bytes::from_static(b"m"));
+        }
+        assert!(!outbox.flush_due(), "3 of 8 may wait");
+        handle.push(Bytes::from_static(b"m"));
+        assert!(outbox.flush_due(), "4 of 8 is half full");
+        outbox.take();
+        handle.push(Bytes::from(vec![b'x'; FULL_BATCH_BYTES]));
+        assert!(outbox.flush_due(), "a full frame's worth is due");
+        outbox.take();
+        handle.push(Bytes::from_static(b"m"));
+        handle.close(close_code::GOING_AWAY);
+        assert!(outbox.flush_due(), "a close is due");
     }
 
     #[test]

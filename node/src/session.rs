@@ -37,7 +37,7 @@ use crate::shard::{Ack, Publish};
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Largest frame the writer builds from queued objects; more is split.
-const MAX_BATCH_FRAME: usize = 256 * 1024;
+const MAX_BATCH_FRAME: usize = crate::outbox::FULL_BATCH_BYTES;
 /// Writes before the session goes back to reading, when the queue keeps
 /// refilling.
 const MAX_WRITE_ROUNDS: usize = 4;
@@ -175,15 +175,44 @@ impl Session {
         if *phase.borrow() == Phase::Closing {
             return End::Close(close_code::GOING_AWAY);
         }
+        // With `client.write_delay`, messages queued within that long of the
+        // last write wait for this timer, to go out together.
+        let write_delay = limits.write_delay;
+        let mut last_write = None;
+        let mut holding = false;
+        let held = std::pin::pin!(tokio::time::sleep_until(start));
+        let mut held = held;
 
         loop {
             tokio::select! {
                 biased;
                 _ = &mut ready => {
                     ready.set(ready_signal.notified());
+                    match hold_until(outbox, last_write, write_delay) {
+                        Some(due) => {
+                            if !holding {
+                                held.as_mut().reset(due);
+                                holding = true;
+                            }
+                        }
+                        None => {
+                            holding = false;
+                            let written = self.write_queued(socket, outbox, &ready_signal).await;
+                            if let Some(end) = written {
+                                return end;
+                            }
+                            if !write_delay.is_zero() {
+                                last_write = Some(tokio::time::Instant::now());
+                            }
+                        }
+                    }
+                }
+                _ = &mut held, if holding => {
+                    holding = false;
                     if let Some(end) = self.write_queued(socket, outbox, &ready_signal).await {
                         return end;
                     }
+                    last_write = Some(tokio::time::Instant::now());
                 }
                 incoming = socket.next() => {
                     last_heard = tokio::time::Instant::now();
@@ -424,7 +453,8 @@ impl Session {
     }
 
     fn reply(&self, reply: &Reply<'_>) {
-        self.handle.push(self.handle.codec.encode_reply(reply));
+        self.handle
+            .push_reply(self.handle.codec.encode_reply(reply));
     }
 
     fn reply_err(&self, id: Option<u64>, code: ErrorCode, message: &str) {
@@ -433,6 +463,21 @@ impl Session {
         }
         self.reply(&Reply::Err { id, code, message });
     }
+}
+
+/// When queued messages may wait to be batched: until `write_delay` after
+/// the last write, unless what is queued is due now (a reply, a close, a
+/// half-full queue). `None`: write now.
+fn hold_until(
+    outbox: &Outbox,
+    last_write: Option<tokio::time::Instant>,
+    write_delay: Duration,
+) -> Option<tokio::time::Instant> {
+    if write_delay.is_zero() {
+        return None;
+    }
+    let due = last_write? + write_delay;
+    (due > tokio::time::Instant::now() && !outbox.flush_due()).then_some(due)
 }
 
 /// Sends queued objects as few frames as the batch limit allows, with one
@@ -476,6 +521,7 @@ async fn write_objects(
         }
         SinkExt::<Message>::flush(socket).await?;
         METRICS.bytes_out.add(written);
+        METRICS.client_writes.inc();
         Ok(())
     };
     // Most writes finish at once: only one that has to wait arms a timer.

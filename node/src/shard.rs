@@ -69,7 +69,7 @@ impl Ack {
                     epoch: Some(epoch),
                     recovered: None,
                 };
-                session.push(session.codec.encode_reply(&Reply::Ok(ok)));
+                session.push_reply(session.codec.encode_reply(&Reply::Ok(ok)));
             }
             Ack::Http(reply) => {
                 let _ = reply.send(Ok(Acked {
@@ -92,7 +92,7 @@ impl Ack {
 }
 
 fn push_unavailable(session: &SessionHandle, id: u64) {
-    session.push(session.codec.encode_reply(&Reply::Err {
+    session.push_reply(session.codec.encode_reply(&Reply::Err {
         id: Some(id),
         code: ErrorCode::Unavailable,
         message: "the topic's owner cannot be reached now; retry",
@@ -175,7 +175,7 @@ impl Completion {
                 ..OkReply::default()
             };
             self.session
-                .push(self.session.codec.encode_reply(&Reply::Ok(ok)));
+                .push_reply(self.session.codec.encode_reply(&Reply::Ok(ok)));
         }
     }
 }
@@ -1182,7 +1182,7 @@ fn push_sub_ok(
         epoch: Some(epoch),
         recovered,
     };
-    session.push(session.codec.encode_reply(&Reply::Ok(ok)));
+    session.push_reply(session.codec.encode_reply(&Reply::Ok(ok)));
 }
 
 fn push_message(session: &SessionHandle, message: &Sequenced) {
