@@ -22,6 +22,8 @@
 #   TOPICS       topics in the topics scenarios (default 1000)
 #   TOPICS_MAX_MESSAGES  messages in the max-rate topics run (default 100000)
 #   SUB_PROCS    subscriber child processes per run (default 1)
+#   HERALD_ARGS  extra flags for every Herald node, e.g.
+#                HERALD_ARGS="--client-write-delay 20ms" (default: none)
 #   KEEP=1       leave the clusters running until Enter is pressed
 set -euo pipefail
 
@@ -156,6 +158,8 @@ for i in $(seq 0 $((NODES - 1))); do
     --client-admission-threshold 1000000
     --node-drain-grace 1s
   )
+  # shellcheck disable=SC2206 # extra flags are words by design
+  args+=(${HERALD_ARGS:-})
   # Every node seeds from the others, so start order does not matter.
   for j in $(seq 0 $((NODES - 1))); do
     ((j == i)) || args+=(--seed "127.0.0.1:$(h_gossip "$j")")
@@ -266,6 +270,7 @@ alive_check() {
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(nproc) cores, $(uname -sr)"
   echo "- herald: $("$HERALD_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ', dirty tree'))"
   echo "- nats-server: $("$NATS_SERVER" --version 2>/dev/null)"
+  echo "- extra Herald flags: ${HERALD_ARGS:-none}"
   echo
 } >"$REPORT"
 ROWS=()
