@@ -293,19 +293,10 @@ impl WsClient {
     /// skipped (tungstenite answers pings by itself while reading); a close
     /// frame or the end of the stream is an error (see [`WsClient::ended`]).
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.pending.pop_front() {
-                return Ok(v);
-            }
-            if let Some(ended) = &self.close {
-                bail!("session already ended: {ended:?}");
-            }
-            let next = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .map_err(|_| anyhow!("no message within {timeout:?}"))?;
-            self.absorb(next)?;
-        }
+        self.read_until_pending(timeout).await?;
+        self.pending
+            .pop_front()
+            .ok_or_else(|| anyhow!("no message within {timeout:?}"))
     }
 
     /// The objects of the next data frame, in order, waiting up to
@@ -317,6 +308,12 @@ impl WsClient {
             "messages from earlier frames are still queued: {:?}",
             self.pending
         );
+        self.read_until_pending(timeout).await?;
+        Ok(self.pending.drain(..).collect())
+    }
+
+    /// Reads frames until a message is queued, for up to `timeout`.
+    async fn read_until_pending(&mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         while self.pending.is_empty() {
             if let Some(ended) = &self.close {
@@ -324,10 +321,10 @@ impl WsClient {
             }
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .map_err(|_| anyhow!("no frame within {timeout:?}"))?;
+                .map_err(|_| anyhow!("no message within {timeout:?}"))?;
             self.absorb(next)?;
         }
-        Ok(self.pending.drain(..).collect())
+        Ok(())
     }
 
     /// Handles one item from the stream: queues messages, records an end.

@@ -347,8 +347,9 @@ pub struct ClientConfig {
     pub max_subscriptions: usize,
     pub outbound_queue: usize,
     pub outbound_queue_bytes: usize,
-    /// A session writes at most once per this period while messages keep
-    /// coming, batching them; zero writes each at once.
+    /// Messages queued within this long of a session's last write wait
+    /// until then and go out together (replies, a close or a half-full
+    /// queue go at once); zero writes each at once.
     #[serde(with = "duration_text")]
     pub write_delay: Duration,
 }
@@ -606,11 +607,11 @@ impl Config {
             &s.client_max_subscriptions,
         );
         set(&mut self.client.outbound_queue, &s.client_outbound_queue);
-        set(&mut self.client.write_delay, &s.client_write_delay);
         set(
             &mut self.client.outbound_queue_bytes,
             &s.client_outbound_queue_bytes,
         );
+        set(&mut self.client.write_delay, &s.client_write_delay);
         set(&mut self.admin.listen, &s.admin_listen);
         set(
             &mut self.admin.max_scheduling_lag,
