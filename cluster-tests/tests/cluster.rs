@@ -1329,7 +1329,20 @@ async fn publishers_faster_than_the_links_are_slowed_instead_of_dropped() -> Res
     for flood in floods {
         want.extend(flood.await.context("publisher task")??);
     }
-    sub.wait_for(&want, Duration::from_secs(30)).await?;
+    if let Err(e) = sub.wait_for(&want, Duration::from_secs(30)).await {
+        let mut counts = Vec::new();
+        for node in &cluster.nodes {
+            let m = node.metrics().await?;
+            counts.push(format!(
+                "{}: dropped {} backlog waits {} timeouts {}",
+                node.id(),
+                m.sum("herald_peer_frames_dropped_total"),
+                m.sum("herald_publish_backlog_waits_total"),
+                m.sum("herald_publish_backlog_timeouts_total")
+            ));
+        }
+        return Err(e.context(counts.join("; ")));
+    }
     sub.check_order(false)?;
     let ingress = cluster.nodes[0].metrics().await?;
     ensure!(

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use protocol::peer::{self, InterestKey, PeerFrame, Refusal, Replayed, TraceContext};
 use protocol::{Data, ErrorCode, OkReply, Reply, Topic, TraceParent};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tracing::{debug, warn};
 
 use crate::delivery::{Change, LocalSubscriptions};
@@ -219,7 +219,9 @@ impl InterestLatch {
 
 #[derive(Debug)]
 pub enum Command {
-    Publish(Publish),
+    /// A client's publish, with its place among the node's admitted
+    /// publishes in a cluster (see `Router::publish`).
+    Publish(Publish, Option<OwnedSemaphorePermit>),
     Subscribe {
         session: SessionHandle,
         key: SubKey,
@@ -240,10 +242,7 @@ pub enum Command {
         done: Option<Arc<Completion>>,
     },
     /// A frame from a peer for this shard's topics or requests.
-    Remote {
-        from: NodeId,
-        frame: PeerFrame,
-    },
+    Remote { from: NodeId, frame: PeerFrame },
     /// A peer's wildcard interest, held by every shard's owner.
     RemoteWildcard {
         from: NodeId,
@@ -255,10 +254,7 @@ pub enum Command {
     Placement(Arc<Placement>),
     /// An authenticated connection to a peer is up; `reconnect` when this
     /// node had been connected to the same generation of it before.
-    PeerUp {
-        node: NodeId,
-        reconnect: bool,
-    },
+    PeerUp { node: NodeId, reconnect: bool },
     /// The connection to a peer ended.
     PeerDown(NodeId),
     /// Answers once the shard has run everything sent before it.
@@ -372,7 +368,9 @@ impl Shard {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Publish(publish) => self.publish(publish),
+            // The admission permit is released once the publish's frames
+            // are queued on the links.
+            Command::Publish(publish, _admitted) => self.publish(publish),
             Command::Subscribe {
                 session,
                 key,
