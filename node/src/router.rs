@@ -341,3 +341,115 @@ impl FrameSink for Router {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use protocol::{Data, Topic};
+
+    use super::*;
+    use crate::transport::{Backlog, LinkBacklog, PeerAddr, TransportError};
+
+    const LINK_FRAMES: usize = 256;
+
+    /// One link of `LINK_FRAMES` frames to node "b", counting what a full
+    /// queue refused.
+    struct OneLink {
+        queue: mpsc::Sender<Bytes>,
+        link: Arc<LinkBacklog>,
+        backlog: Arc<Backlog>,
+        refused: AtomicUsize,
+    }
+
+    impl crate::transport::Transport for OneLink {
+        fn send(&self, to: &NodeId, frame: Bytes) -> Result<(), TransportError> {
+            if self.queue.try_send(frame).is_err() {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(TransportError::QueueFull(to.clone()));
+            }
+            self.link
+                .queued(self.queue.max_capacity() - self.queue.capacity());
+            Ok(())
+        }
+
+        fn set_peers(&self, _peers: Vec<PeerAddr>) {}
+
+        fn backlog(&self) -> &Backlog {
+            &self.backlog
+        }
+    }
+
+    /// On one thread the publisher runs until it has to wait, so the shard
+    /// is as starved as it can be: without a bound on admitted publishes,
+    /// a shard queue's worth (4,096) would reach the 256-frame link at once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_starved_shard_cannot_overrun_a_link() {
+        const PUBLISHES: usize = 5000;
+        let backlog = Arc::new(Backlog::default());
+        let (queue, mut peer) = mpsc::channel(LINK_FRAMES);
+        let link = Arc::new(LinkBacklog::new(backlog.clone(), LINK_FRAMES));
+        let transport = Arc::new(OneLink {
+            queue,
+            link: link.clone(),
+            backlog,
+            refused: AtomicUsize::new(0),
+        });
+        let router = Router::start(RouterSetup {
+            node: "a".into(),
+            shards: 1,
+            limits: OwnerLimits {
+                history_messages: 10,
+                history_age: Duration::from_secs(60),
+            },
+            transport: Some(transport.clone()),
+            request_timeout: Duration::from_secs(30),
+            peer_queue_frames: LINK_FRAMES,
+        });
+        router
+            .set_placement(Arc::new(Placement::new(["b".into()], 1, 1)))
+            .await
+            .expect("placement");
+        // The peer reads one frame per turn of the runtime.
+        let read = Arc::new(AtomicUsize::new(0));
+        let reading = read.clone();
+        tokio::spawn(async move {
+            while peer.recv().await.is_some() {
+                reading.fetch_add(1, Ordering::Relaxed);
+                link.drained(peer.len());
+                tokio::task::yield_now().await;
+            }
+        });
+        // Unconstrained: tokio's cooperative budget would otherwise make the
+        // publisher yield every 128 sends, which a busy multi-threaded node
+        // does not guarantee.
+        tokio::task::unconstrained(async {
+            for n in 0..PUBLISHES {
+                let publish = Publish {
+                    topic: Topic::parse("flood.t").expect("topic"),
+                    data: Data::Json(Bytes::from(n.to_string())),
+                    trace: None,
+                    tracestate: None,
+                    ack: None,
+                };
+                router.publish(publish).await.expect("publish");
+            }
+        })
+        .await;
+        let settled = async {
+            while read.load(Ordering::Relaxed) + transport.refused.load(Ordering::Relaxed)
+                < PUBLISHES
+            {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .expect("every frame was read or refused");
+        assert_eq!(
+            transport.refused.load(Ordering::Relaxed),
+            0,
+            "frames refused by the full link"
+        );
+    }
+}
