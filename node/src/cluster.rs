@@ -329,7 +329,6 @@ mod tests {
             },
             transport: Some(transport.clone()),
             request_timeout: Duration::from_millis(500),
-            peer_queue_frames: crate::transport::quic::SEND_QUEUE_FRAMES,
         });
         let members: Vec<Member> = all.iter().map(|n| member(n, me)).collect();
         let (members_tx, members_rx) = watch::channel(Arc::new(members));

@@ -140,7 +140,6 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
             .as_ref()
             .map(|p| p.transport.clone() as SharedTransport),
         request_timeout: config.cluster.request_timeout,
-        peer_queue_frames: config.cluster.peer_queue_frames,
     });
     let lifecycle = Lifecycle::new();
     let admission = Admission::new(

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::peer::{self, PeerFrame};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::metrics::METRICS;
@@ -41,8 +41,6 @@ pub struct RouterSetup {
     /// `None` for a single node.
     pub transport: Option<SharedTransport>,
     pub request_timeout: Duration,
-    /// Each peer link's queue, in frames (`cluster.peer_queue_frames`).
-    pub peer_queue_frames: usize,
 }
 
 #[derive(Clone)]
@@ -51,11 +49,6 @@ pub struct Router {
     transport: Option<SharedTransport>,
     /// How long a client publish waits for a backed-up link.
     backlog_wait: Duration,
-    /// Client publishes past the backlog check whose frames are not yet on
-    /// the links: at most half a peer queue, so that a link at its
-    /// high-water mark (a quarter) still has room for all of them even when
-    /// the shards fall behind. `None` on a single node.
-    admitted: Option<Arc<Semaphore>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -94,10 +87,6 @@ impl Router {
             .collect();
         Router {
             shards: shards.into(),
-            admitted: setup
-                .transport
-                .as_ref()
-                .map(|_| Arc::new(Semaphore::new((setup.peer_queue_frames / 2).max(1)))),
             transport: setup.transport,
             backlog_wait: setup.request_timeout,
         }
@@ -133,32 +122,26 @@ impl Router {
     /// waits (up to the request timeout) before it goes on: the client is
     /// slowed through its own socket instead of its messages being dropped
     /// at a full link. Shards never wait on links, so this cannot deadlock.
-    /// Publishes that passed the check but are still queued for a shard are
-    /// bounded too: a starved shard would otherwise let thousands through
-    /// at once, past a link's capacity.
+    /// Publishes admitted but not yet on the links are bounded too (see
+    /// [`crate::transport::Backlog`]).
     pub async fn publish(&self, publish: Publish) -> Result<(), RouterError> {
-        if let Some(transport) = &self.transport {
-            match transport.backlog().wait_clear(self.backlog_wait).await {
-                Waited::Clear => {}
-                Waited::Relieved => METRICS.publish_backlog_waits.inc(),
-                Waited::TimedOut => {
-                    METRICS.publish_backlog_waits.inc();
-                    METRICS.publish_backlog_timeouts.inc();
+        let admission = match &self.transport {
+            Some(transport) => {
+                let (waited, admission) = transport.backlog().admit(self.backlog_wait).await;
+                match waited {
+                    Waited::Clear => {}
+                    Waited::Relieved => METRICS.publish_backlog_waits.inc(),
+                    Waited::TimedOut => {
+                        METRICS.publish_backlog_waits.inc();
+                        METRICS.publish_backlog_timeouts.inc();
+                    }
                 }
+                Some(admission)
             }
-        }
-        let admitted = match &self.admitted {
-            Some(admitted) => Some(
-                admitted
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| RouterError::Stopped)?,
-            ),
             None => None,
         };
         let shard = self.shard_of(publish.topic.as_str());
-        self.send(shard, Command::Publish(publish, admitted)).await
+        self.send(shard, Command::Publish(publish, admission)).await
     }
 
     /// Parts of a wildcard (un)subscription: every shard, plus the
@@ -386,7 +369,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_starved_shard_cannot_overrun_a_link() {
         const PUBLISHES: usize = 5000;
-        let backlog = Arc::new(Backlog::default());
+        let backlog = Arc::new(Backlog::new(LINK_FRAMES));
         let (queue, mut peer) = mpsc::channel(LINK_FRAMES);
         let link = Arc::new(LinkBacklog::new(backlog.clone(), LINK_FRAMES));
         let transport = Arc::new(OneLink {
@@ -404,7 +387,6 @@ mod tests {
             },
             transport: Some(transport.clone()),
             request_timeout: Duration::from_secs(30),
-            peer_queue_frames: LINK_FRAMES,
         });
         router
             .set_placement(Arc::new(Placement::new(["b".into()], 1, 1)))

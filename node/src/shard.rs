@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use protocol::peer::{self, InterestKey, PeerFrame, Refusal, Replayed, TraceContext};
 use protocol::{Data, ErrorCode, OkReply, Reply, Topic, TraceParent};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::delivery::{Change, LocalSubscriptions};
@@ -31,7 +31,7 @@ use crate::outbox::{SessionHandle, SessionId};
 use crate::owner::{NodeId, OwnerLimits, Route, Sequenced, SubKey, TopicOwner};
 use crate::ring::Placement;
 use crate::telemetry::{self, Hop};
-use crate::transport::SharedTransport;
+use crate::transport::{Admission, SharedTransport};
 
 /// Request ids carry the shard index in their low bits, so a peer's answer
 /// comes back to the shard that asked.
@@ -219,9 +219,9 @@ impl InterestLatch {
 
 #[derive(Debug)]
 pub enum Command {
-    /// A client's publish, with its place among the node's admitted
-    /// publishes in a cluster (see `Router::publish`).
-    Publish(Publish, Option<OwnedSemaphorePermit>),
+    /// A client's publish, with its admission in a cluster (see
+    /// [`crate::transport::Backlog`]).
+    Publish(Publish, Option<Admission>),
     Subscribe {
         session: SessionHandle,
         key: SubKey,
@@ -368,9 +368,8 @@ impl Shard {
 
     fn handle(&mut self, command: Command) {
         match command {
-            // The admission permit is released once the publish's frames
-            // are queued on the links.
-            Command::Publish(publish, _admitted) => self.publish(publish),
+            // The admission ends once the publish's frames are queued.
+            Command::Publish(publish, _admission) => self.publish(publish),
             Command::Subscribe {
                 session,
                 key,
@@ -967,16 +966,12 @@ impl Shard {
                     // Messages this owner sequenced before it heard of the
                     // node's subscribers go first, on the same ordered
                     // stream as every later one.
-                    let catch_up = self.owner.rejoin_interest(&from, &key);
-                    if let Some(transport) = self.setup.transport.clone() {
-                        for message in catch_up {
-                            let Some(frame) = encode_deliver(&message, Vec::new()) else {
-                                continue;
-                            };
-                            if !self.send_bytes(&transport, &from, frame) {
-                                METRICS.peer_frames_dropped.inc();
-                            }
-                        }
+                    for message in self.owner.rejoin_interest(&from, &key) {
+                        let route = Route {
+                            node: from.clone(),
+                            groups: Vec::new(),
+                        };
+                        self.route(&message, vec![route]);
                     }
                 } else {
                     self.owner.remove_interest(&from, &key);

@@ -79,7 +79,11 @@ impl MemoryNetwork {
         }
         wire.nodes.insert(node.clone(), (generation, inbound));
         wire.wanted.entry(node.clone()).or_default();
-        let backlog = wire.backlogs.entry(node.clone()).or_default().clone();
+        let backlog = wire
+            .backlogs
+            .entry(node.clone())
+            .or_insert_with(|| Arc::new(Backlog::new(LINK_QUEUE)))
+            .clone();
         Self::reconcile(&mut wire);
         MemoryTransport {
             node,
@@ -160,7 +164,11 @@ impl MemoryNetwork {
                     frames: frames_tx,
                 });
                 let (tx, mut rx) = mpsc::channel::<Bytes>(LINK_QUEUE);
-                let backlog = wire.backlogs.entry(from.clone()).or_default().clone();
+                let backlog = wire
+                    .backlogs
+                    .entry(from.clone())
+                    .or_insert_with(|| Arc::new(Backlog::new(LINK_QUEUE)))
+                    .clone();
                 let backlog = Arc::new(LinkBacklog::new(backlog, LINK_QUEUE));
                 wire.senders
                     .insert((from.clone(), to.clone()), (tx, backlog.clone()));

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::owner::NodeId;
 
@@ -113,9 +113,14 @@ pub trait Transport: Send + Sync + 'static {
     fn backlog(&self) -> &Backlog;
 }
 
-/// Whether any of a node's links to its peers is backed up: past a quarter
-/// of its queue, until it drains to an eighth. Client ingress waits on it.
-#[derive(Debug, Default)]
+/// Client ingress against the node's links to its peers. A publish is
+/// admitted once no link is backed up (past a quarter of its queue, until
+/// it drains to an eighth), and holds an [`Admission`] until its frames are
+/// queued on the links. At most half a queue's worth of publishes are
+/// admitted at a time: publishes that found the links clear can pile up in
+/// starved shards and reach a link all at once, and a link at its
+/// high-water mark still has room for all of them.
+#[derive(Debug)]
 pub struct Backlog {
     /// Links past their high-water mark.
     congested: AtomicUsize,
@@ -124,6 +129,16 @@ pub struct Backlog {
     /// one timeout, not one per publish.
     stalled: AtomicBool,
     relieved: Notify,
+    /// Places for admitted publishes not yet on the links.
+    admissions: Arc<Semaphore>,
+}
+
+/// A publish's place among those admitted but not yet on the links; drop
+/// it once the publish's frames are queued.
+#[derive(Debug)]
+pub struct Admission {
+    /// Held only to be released on drop.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 /// What waiting on a [`Backlog`] came to.
@@ -138,6 +153,26 @@ pub enum Waited {
 }
 
 impl Backlog {
+    /// For links of `queue_frames` frames each.
+    pub fn new(queue_frames: usize) -> Backlog {
+        Backlog {
+            congested: AtomicUsize::new(0),
+            stalled: AtomicBool::new(false),
+            relieved: Notify::new(),
+            admissions: Arc::new(Semaphore::new((queue_frames / 2).max(1))),
+        }
+    }
+
+    /// Admits one client publish: waits as [`Backlog::wait_clear`] does,
+    /// then for a place among the admitted publishes (shards free places as
+    /// they run, and never wait themselves, so this always ends).
+    pub async fn admit(&self, limit: Duration) -> (Waited, Admission) {
+        let waited = self.wait_clear(limit).await;
+        // The semaphore is never closed: `None` cannot happen.
+        let place = self.admissions.clone().acquire_owned().await.ok();
+        (waited, Admission { _place: place })
+    }
+
     pub fn is_congested(&self) -> bool {
         self.congested.load(Ordering::Acquire) > 0
     }
@@ -291,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_link_is_backed_up_past_a_quarter_until_it_drains_to_an_eighth() {
-        let backlog = Arc::new(Backlog::default());
+        let backlog = Arc::new(Backlog::new(64));
         let link = LinkBacklog::new(backlog.clone(), 64);
         link.queued(15);
         assert!(!backlog.is_congested());
@@ -308,7 +343,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_backed_up_link_must_drain_and_an_ended_link_releases() {
-        let backlog = Arc::new(Backlog::default());
+        let backlog = Arc::new(Backlog::new(64));
         let a = LinkBacklog::new(backlog.clone(), 64);
         let b = LinkBacklog::new(backlog.clone(), 64);
         a.queued(20);
@@ -325,7 +360,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_ends_when_the_link_drains_or_the_limit_passes() {
-        let backlog = Arc::new(Backlog::default());
+        let backlog = Arc::new(Backlog::new(64));
         let link = Arc::new(LinkBacklog::new(backlog.clone(), 64));
         link.queued(64);
         assert_eq!(

@@ -339,7 +339,7 @@ impl QuicTransport {
             tasks: Tasks::new(runtime),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             next_link: AtomicU64::new(1),
-            backlog: Arc::new(Backlog::default()),
+            backlog: Arc::new(Backlog::new(queue_frames.max(1))),
             queue_frames: queue_frames.max(1),
         });
         inner.tasks.spawn(accept_loop(inner.clone()));
