@@ -11,7 +11,7 @@ use indexmap::IndexMap;
 use protocol::{GroupName, Pattern, PatternIndex, Topic};
 
 use crate::metrics::METRICS;
-use crate::outbox::{Pushed, SessionHandle, SessionId};
+use crate::outbox::{Pushed, SessionHandle, SessionId, Wakes};
 use crate::owner::{Sequenced, SubKey};
 
 /// Did adding or removing a subscription change this node's interest?
@@ -147,6 +147,9 @@ pub struct LocalSubscriptions {
     wildcard_index: PatternIndex<Pattern>,
     /// Sessions already given the current message; reused between messages.
     seen: HashSet<SessionId>,
+    /// Writers to wake for what `deliver` queued since the last
+    /// [`wake_sessions`](Self::wake_sessions).
+    wakes: Wakes,
 }
 
 impl LocalSubscriptions {
@@ -216,6 +219,7 @@ impl LocalSubscriptions {
 
     /// Hands `message` to every plain subscriber that matches and to one
     /// member of each group in `groups`; returns how many sessions got it.
+    /// Their writers wake at the next [`wake_sessions`](Self::wake_sessions).
     pub fn deliver(&mut self, message: &Sequenced, groups: &[SubKey]) -> usize {
         let delivered = self.push_to_sessions(message, groups);
         // Once per message, not per session: a counter bumped from every
@@ -239,18 +243,19 @@ impl LocalSubscriptions {
         // The common case, one exact topic and no groups, needs no
         // de-duplication, even with unrelated wildcard subscriptions on the
         // shard.
+        let wakes = &mut self.wakes;
         if matching.is_empty() && groups.is_empty() {
-            return exact.map_or(0, |subs| push_all(&subs.plain, message, None));
+            return exact.map_or(0, |subs| push_all(&subs.plain, message, None, wakes));
         }
         self.seen.clear();
         let seen = &mut self.seen;
         let mut delivered = 0;
         if let Some(subs) = exact {
-            delivered += push_all(&subs.plain, message, Some(seen));
+            delivered += push_all(&subs.plain, message, Some(seen), wakes);
         }
         for pattern in &matching {
             if let Some(subs) = self.wildcard.get(pattern) {
-                delivered += push_all(&subs.plain, message, Some(&mut *seen));
+                delivered += push_all(&subs.plain, message, Some(&mut *seen), wakes);
             }
         }
         for key in groups {
@@ -262,9 +267,16 @@ impl LocalSubscriptions {
             let Some(members) = subscribers.and_then(|s| s.groups.get_mut(group)) else {
                 continue;
             };
-            delivered += push_to_one(members, message, seen);
+            delivered += push_to_one(members, message, seen, wakes);
         }
         delivered
+    }
+
+    /// Wakes the writers of the sessions `deliver` queued messages for.
+    /// The shard calls this after each batch of commands: until then the
+    /// messages sit queued, unwritten.
+    pub fn wake_sessions(&mut self) {
+        self.wakes.wake_all();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -319,14 +331,15 @@ fn keys_of<'a>(entries: impl Iterator<Item = (Pattern, &'a Subscribers)>) -> Vec
     keys
 }
 
-fn push_one(session: &SessionHandle, message: &Sequenced) -> bool {
-    session.push(message.encoded(session.codec).clone()) == Pushed::Queued
+fn push_one(session: &SessionHandle, message: &Sequenced, wakes: &mut Wakes) -> bool {
+    session.push_deferred(message.encoded(session.codec).clone(), wakes) == Pushed::Queued
 }
 
 fn push_all(
     sessions: &Sessions,
     message: &Sequenced,
     mut seen: Option<&mut HashSet<SessionId>>,
+    wakes: &mut Wakes,
 ) -> usize {
     let mut delivered = 0;
     for session in sessions.iter() {
@@ -335,14 +348,19 @@ fn push_all(
                 continue;
             }
         }
-        delivered += usize::from(push_one(session, message));
+        delivered += usize::from(push_one(session, message, wakes));
     }
     delivered
 }
 
 /// Gives the message to the next member in turn that can take it. A member
 /// that already got it through another subscription counts as served.
-fn push_to_one(members: &mut Members, message: &Sequenced, seen: &mut HashSet<SessionId>) -> usize {
+fn push_to_one(
+    members: &mut Members,
+    message: &Sequenced,
+    seen: &mut HashSet<SessionId>,
+    wakes: &mut Wakes,
+) -> usize {
     let count = members.sessions.len();
     for _ in 0..count {
         members.next = (members.next + 1) % count;
@@ -356,7 +374,7 @@ fn push_to_one(members: &mut Members, message: &Sequenced, seen: &mut HashSet<Se
             continue;
         }
         seen.insert(member.id);
-        return usize::from(push_one(member, message));
+        return usize::from(push_one(member, message, wakes));
     }
     0
 }
@@ -400,6 +418,32 @@ mod tests {
         assert_eq!(local.add(&key("a.>", None), s1.clone()), Change::Unchanged);
         assert_eq!(local.deliver(&message("a.b", 1), &[]), 1);
         assert_eq!(o1.take().objects.len(), 1);
+    }
+
+    /// True when the writer's wake-up has been signalled (consumes it).
+    async fn woken(outbox: &Outbox) -> bool {
+        let ready = outbox.ready_signal();
+        tokio::time::timeout(std::time::Duration::ZERO, ready.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn writers_wake_once_for_a_run_of_messages() {
+        let mut local = LocalSubscriptions::default();
+        let (s1, mut o1) = session(1);
+        let (s2, o2) = session(2);
+        local.add(&key("t", None), s1);
+        local.add(&key("t.>", None), s2);
+        for seq in 1..=3 {
+            assert_eq!(local.deliver(&message("t", seq), &[]), 1);
+        }
+        assert!(!woken(&o1).await, "woken before the run ended");
+        local.wake_sessions();
+        assert!(woken(&o1).await, "not woken after the run");
+        assert!(!woken(&o1).await, "woken more than once");
+        assert!(!woken(&o2).await, "a session given nothing was woken");
+        assert_eq!(o1.take().objects.len(), 3);
     }
 
     #[test]

@@ -363,6 +363,7 @@ impl Shard {
                 _ = sweep.tick() => self.owner.sweep(Instant::now()),
                 _ = deadlines.tick() => self.expire(Instant::now()),
             }
+            self.local.wake_sessions();
         }
     }
 
