@@ -1448,10 +1448,23 @@ async fn a_publish_during_an_owner_outage_is_answered_in_bounded_time() -> Resul
          HTTP statuses {http_statuses:?}, all acked {:?} after the freeze",
         frozen.elapsed()
     );
-    ensure!(
-        unavailable > 0 && http_statuses.contains_key(&503),
-        "no publish was refused: the frozen node owned nothing?"
-    );
+    if unavailable == 0 || !http_statuses.contains_key(&503) {
+        // Seen about once in 50 full-suite runs on 2 busy cores: node 0
+        // acked every publish at once, so its ring no longer had the frozen
+        // node. Say what each live node's ring and log showed.
+        let mut seen = String::new();
+        for node in &cluster.nodes[..2] {
+            let owners = node.ring_owners().await?;
+            let events: Vec<String> = node
+                .log()
+                .lines()
+                .filter(|l| ["ring changed", "peer "].iter().any(|e| l.contains(e)))
+                .map(str::to_owned)
+                .collect();
+            seen += &format!("\n{}: ring {owners:?}; {}", node.id(), events.join("\n  "));
+        }
+        bail!("no publish was refused: the frozen node owned nothing?{seen}");
+    }
     // Each refusal was counted where the request came in.
     for (node, refused) in [(0, unavailable), (1, http_statuses[&503])] {
         let counted = cluster.nodes[node]
