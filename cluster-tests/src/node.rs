@@ -412,6 +412,41 @@ impl Node {
         Ok(())
     }
 
+    /// Stops the process (SIGSTOP) and waits until every one of its threads
+    /// is stopped. `kill` returns before that: the stop starts only once the
+    /// thread picked to take the signal runs, and on busy cores the others
+    /// can go on for milliseconds meanwhile (seen as a "frozen" node still
+    /// answering).
+    pub async fn freeze(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)?;
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut running = Vec::new();
+            for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+                let stat = task?.path().join("stat");
+                // A thread that ended meanwhile has no stat any more.
+                let Ok(text) = std::fs::read_to_string(&stat) else {
+                    continue;
+                };
+                // The state follows the command name, which is in parentheses.
+                let state = text
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next());
+                if !matches!(state, Some("T" | "t")) {
+                    running.push(format!("{}: {state:?}", stat.display()));
+                }
+            }
+            if running.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{} not stopped 5 s after SIGSTOP: {running:?}", self.id());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Sends SIGTERM (graceful drain).
     pub fn sigterm(&self) -> Result<()> {
         self.signal(libc::SIGTERM)
