@@ -338,7 +338,7 @@ async fn invalid_values_refuse_the_start_and_say_where() -> Result<()> {
     let missing = missing.to_str().context("utf-8 path")?;
     // (what, arguments, environment, what the error must name)
     type Case<'a> = (&'a str, Vec<&'a str>, Option<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         (
             "flag",
             vec!["--client-idle-timeout", "soon"],
@@ -368,6 +368,12 @@ async fn invalid_values_refuse_the_start_and_say_where() -> Result<()> {
             vec!["--client-write-delay", "2s"],
             None,
             "client.write_delay",
+        ),
+        (
+            "history budget below one message",
+            vec!["--history-max-bytes", "1000"],
+            None,
+            "history.max_bytes",
         ),
         (
             "missing file",

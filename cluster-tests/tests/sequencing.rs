@@ -359,3 +359,58 @@ async fn history_limit_reports_unrecovered_and_replays_what_is_kept() -> Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn over_the_node_history_budget_the_oldest_messages_go_first() -> Result<()> {
+    const BUDGET: f64 = 40_960.0;
+    let node = Node::start(&[
+        "--node-shards",
+        "1",
+        "--client-max-message-bytes",
+        "4096",
+        "--history-max-bytes",
+        "40960",
+    ])
+    .await?;
+    let mut publisher = node.ws().await?;
+    let text = "x".repeat(1000);
+    let mut old_epoch = String::new();
+    for _ in 0..5 {
+        (_, old_epoch) = publisher.publish("budget.old", json!(text)).await?;
+    }
+    let mut new_epoch = String::new();
+    for _ in 0..60 {
+        (_, new_epoch) = publisher.publish("budget.new", json!(text)).await?;
+    }
+    // Each message counts about 2.3 KB: the histories keep the newest 17
+    // or so, all of `budget.new`, and the older topic lost everything.
+    let metrics = node.metrics().await?;
+    let (bytes, kept) = (
+        metrics.sum("herald_history_bytes"),
+        metrics.sum("herald_history_messages"),
+    );
+    let evicted = metrics.sum("herald_history_evicted_total");
+    ensure!(
+        bytes > 0.0 && bytes <= BUDGET && (10.0..60.0).contains(&kept) && kept + evicted == 65.0,
+        "history holds {kept} messages, {bytes} bytes; {evicted} evicted"
+    );
+    let mut old = node.ws().await?;
+    let (ok, replay) = sub_since(&mut old, "budget.old", 0, &old_epoch, 0).await?;
+    ensure!(ok["recovered"] == false && ok["seq"] == 5, "{ok}");
+    ensure!(replay.is_empty(), "replayed {:?}", seqs(&replay));
+    old.expect_nothing(QUIET).await?;
+    // The newest ten are still there.
+    let mut recent = node.ws().await?;
+    let (ok, replay) = sub_since(&mut recent, "budget.new", 50, &new_epoch, 10).await?;
+    ensure!(ok["recovered"] == true, "{ok}");
+    ensure!(
+        seqs(&replay) == (51..=60).collect::<Vec<_>>(),
+        "{:?}",
+        seqs(&replay)
+    );
+    // Live delivery is unaffected.
+    publisher.publish("budget.old", json!(6)).await?;
+    let msg = old.expect_msg("budget.old", &json!(6)).await?;
+    ensure!(msg["seq"] == 6, "{msg}");
+    Ok(())
+}

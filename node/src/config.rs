@@ -16,6 +16,10 @@ use serde::Deserialize;
 /// only adds latency.
 const MAX_WRITE_DELAY: Duration = Duration::from_secs(1);
 
+/// Default for `history.max_bytes`: a node under a flood of large messages
+/// to many topics stays within memory its operator planned for.
+const DEFAULT_HISTORY_MAX_BYTES: usize = 512 * 1024 * 1024;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -263,6 +267,10 @@ pub struct Settings {
     /// Age after which a topic's messages leave its history.
     #[arg(long = "history-max-age", env = "HERALD_HISTORY_MAX_AGE", value_parser = duration)]
     pub history_max_age: Option<Duration>,
+    /// Bytes all topic histories of the node may hold together; past it the
+    /// oldest messages go first.
+    #[arg(long = "history-max-bytes", env = "HERALD_HISTORY_MAX_BYTES")]
+    pub history_max_bytes: Option<usize>,
 
     /// Enables JWT auth with this HS256 secret.
     #[arg(
@@ -409,6 +417,7 @@ pub struct HistoryConfig {
     pub max_messages: usize,
     #[serde(with = "duration_text")]
     pub max_age: Duration,
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -513,6 +522,7 @@ impl Default for HistoryConfig {
         HistoryConfig {
             max_messages: 1000,
             max_age: Duration::from_secs(300),
+            max_bytes: DEFAULT_HISTORY_MAX_BYTES,
         }
     }
 }
@@ -647,6 +657,7 @@ impl Config {
         set(&mut self.gossip.dead_grace, &s.gossip_dead_grace);
         set(&mut self.history.max_messages, &s.history_max_messages);
         set(&mut self.history.max_age, &s.history_max_age);
+        set(&mut self.history.max_bytes, &s.history_max_bytes);
         set_some(&mut self.auth.hs256_secret, &s.auth_hs256_secret);
         set_some(&mut self.auth.rs256_public_key, &s.auth_rs256_public_key);
         set(&mut self.log.format, &s.log_format);
@@ -687,6 +698,12 @@ impl Config {
         }
         if self.history.max_messages == 0 {
             return invalid("history.max_messages", "must be at least 1");
+        }
+        if self.history.max_bytes < self.client.max_message_bytes {
+            return invalid(
+                "history.max_bytes",
+                "must be at least client.max_message_bytes (one message)",
+            );
         }
         if self.auth.hs256_secret.is_some() && self.auth.rs256_public_key.is_some() {
             return invalid("auth", "set hs256_secret or rs256_public_key, not both");

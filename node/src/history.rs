@@ -1,47 +1,106 @@
-//! A topic's retained messages, bounded by count and by age, for recovery.
+//! A topic's retained messages, bounded by count and by age, for recovery,
+//! and what they weigh: the owner bounds the sum over its topics
+//! (`history.max_bytes`) by dropping the oldest messages first.
 
 use std::collections::VecDeque;
+use std::ops::Sub;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::owner::Sequenced;
 
+/// Bytes a retained message is counted as, beyond its topic and twice its
+/// data (the data, and the `msg` encoded from it for local subscribers):
+/// the message's own allocation, its encodings' headers, its place in the
+/// history.
+const PER_MESSAGE_BYTES: usize = 256;
+
+/// What a retained message is counted as against `history.max_bytes`.
+pub fn retained_size(message: &Sequenced) -> usize {
+    PER_MESSAGE_BYTES + message.topic.as_str().len() + 2 * message.data.len()
+}
+
+/// How much some histories hold.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retained {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl Sub for Retained {
+    type Output = (i64, i64);
+
+    /// The change from `other` to `self`, in messages and bytes.
+    fn sub(self, other: Retained) -> (i64, i64) {
+        (
+            self.messages as i64 - other.messages as i64,
+            self.bytes as i64 - other.bytes as i64,
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    at: Instant,
+    /// [`retained_size`] when it was pushed.
+    size: usize,
+    message: Arc<Sequenced>,
+}
+
 /// The retained tail of one topic, oldest first, seqs consecutive.
 #[derive(Debug, Default)]
 pub struct History {
-    entries: VecDeque<(Instant, Arc<Sequenced>)>,
+    entries: VecDeque<Entry>,
+    bytes: usize,
 }
 
 impl History {
-    /// Appends a message and drops what the limits no longer allow; returns
-    /// how the number of retained messages changed.
+    /// Appends a message and drops what the limits no longer allow.
     pub fn push(
         &mut self,
         message: Arc<Sequenced>,
         now: Instant,
         max_messages: usize,
         max_age: Duration,
-    ) -> i64 {
-        self.entries.push_back((now, message));
-        let mut change = 1;
+    ) {
+        let size = retained_size(&message);
+        self.bytes += size;
+        self.entries.push_back(Entry {
+            at: now,
+            size,
+            message,
+        });
         while self.entries.len() > max_messages {
-            self.entries.pop_front();
-            change -= 1;
+            self.pop_oldest();
         }
-        change - self.expire(now, max_age) as i64
+        self.expire(now, max_age);
     }
 
     /// Drops messages older than `max_age`; returns how many.
     pub fn expire(&mut self, now: Instant, max_age: Duration) -> usize {
         let mut dropped = 0;
-        while let Some((at, _)) = self.entries.front() {
-            if now.saturating_duration_since(*at) <= max_age {
+        while let Some(entry) = self.entries.front() {
+            if now.saturating_duration_since(entry.at) <= max_age {
                 break;
             }
-            self.entries.pop_front();
+            self.pop_oldest();
             dropped += 1;
         }
         dropped
+    }
+
+    /// Drops the oldest message, if any.
+    pub fn pop_oldest(&mut self) {
+        if let Some(entry) = self.entries.pop_front() {
+            self.bytes -= entry.size;
+        }
+    }
+
+    pub fn retained(&self) -> Retained {
+        Retained {
+            messages: self.entries.len(),
+            bytes: self.bytes,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -54,7 +113,7 @@ impl History {
 
     /// The seq of the oldest retained message.
     pub fn first_seq(&self) -> Option<u64> {
-        self.entries.front().map(|(_, m)| m.seq)
+        self.entries.front().map(|e| e.message.seq)
     }
 
     /// Retained messages with seq greater than `since`, in order.
@@ -63,7 +122,7 @@ impl History {
             Some(first) if since >= first => (since - first + 1) as usize,
             _ => 0,
         };
-        self.entries.iter().skip(skip).map(|(_, m)| m)
+        self.entries.iter().skip(skip).map(|e| &e.message)
     }
 }
 
@@ -95,6 +154,14 @@ mod tests {
         assert_eq!(after, vec![4, 5]);
         assert_eq!(h.after(0).count(), 3);
         assert_eq!(h.after(5).count(), 0);
+        let one = retained_size(&message(1));
+        assert_eq!(
+            h.retained(),
+            Retained {
+                messages: 3,
+                bytes: 3 * one
+            }
+        );
     }
 
     #[test]
@@ -114,5 +181,6 @@ mod tests {
             1
         );
         assert!(h.is_empty());
+        assert_eq!(h.retained(), Retained::default());
     }
 }

@@ -144,6 +144,8 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     pub topics: Gauge,
     pub history_messages: Gauge,
+    pub history_bytes: Gauge,
+    pub history_evicted: Counter,
     pub session_panics: Counter,
     pub http_publishes: Counter,
     pub owner_unavailable: Counter,
@@ -182,6 +184,8 @@ impl Metrics {
             subscriptions: Gauge::new(),
             topics: Gauge::new(),
             history_messages: Gauge::new(),
+            history_bytes: Gauge::new(),
+            history_evicted: Counter::new(),
             session_panics: Counter::new(),
             http_publishes: Counter::new(),
             owner_unavailable: Counter::new(),
@@ -334,6 +338,18 @@ impl Metrics {
             "herald_history_messages",
             "Messages held in topic histories.",
             self.history_messages.get(),
+        );
+        gauge(
+            &mut out,
+            "herald_history_bytes",
+            "What topic histories hold, as counted against history.max_bytes.",
+            self.history_bytes.get(),
+        );
+        counter(
+            &mut out,
+            "herald_history_evicted_total",
+            "Retained messages dropped, oldest first, to keep history.max_bytes.",
+            self.history_evicted.get(),
         );
         counter(
             &mut out,

@@ -8,7 +8,7 @@
 //! sees a session. In a cluster, other nodes reach it across the network with
 //! the same requests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use protocol::{Codec, Data, GroupName, MsgView, Pattern, PatternIndex, Topic, TraceParent};
 
-use crate::history::History;
+use crate::history::{History, Retained};
 use crate::metrics::METRICS;
 
 /// A node's id, as gossiped and shown in `/v1/cluster`.
@@ -109,6 +109,9 @@ pub struct Snapshot {
 pub struct OwnerLimits {
     pub history_messages: usize,
     pub history_age: Duration,
+    /// What this owner's histories may hold together
+    /// ([`crate::history::retained_size`]); past it the oldest messages go.
+    pub history_bytes: usize,
 }
 
 /// Nodes with interest in one key; groups pick among them in turn.
@@ -180,6 +183,27 @@ pub struct TopicOwner {
     /// The keys of `wildcards` by pattern token, so that sequencing a
     /// message looks up the wildcard interest that matches it.
     wildcard_index: PatternIndex<SubKey>,
+    /// What every topic's history holds, together.
+    retained: Retained,
+    /// Every retained message (topic, epoch, seq), in the order it was
+    /// sequenced: the oldest goes first when `retained` is over
+    /// `history_bytes`. Entries of messages that already left (by count,
+    /// age or a new epoch) are skipped then, and dropped in bulk once they
+    /// outnumber the live ones.
+    order: VecDeque<(Topic, Arc<str>, u64)>,
+}
+
+/// Entries `order` may hold beyond twice the retained messages before it is
+/// cleaned: cleaning is linear, so this keeps it rare.
+const ORDER_SLACK: usize = 4096;
+
+/// Applies a change in what histories hold to an owner's total and to the
+/// node's gauges.
+fn account(total: &mut Retained, (messages, bytes): (i64, i64)) {
+    total.messages = total.messages.saturating_add_signed(messages as isize);
+    total.bytes = total.bytes.saturating_add_signed(bytes as isize);
+    METRICS.history_messages.add(messages);
+    METRICS.history_bytes.add(bytes);
 }
 
 impl TopicOwner {
@@ -189,6 +213,8 @@ impl TopicOwner {
             topics: HashMap::new(),
             wildcards: HashMap::new(),
             wildcard_index: PatternIndex::new(),
+            retained: Retained::default(),
+            order: VecDeque::new(),
         }
     }
 
@@ -222,13 +248,16 @@ impl TopicOwner {
             trace,
             tracestate,
         ));
-        let change = owned.history.push(
+        let before = owned.history.retained();
+        owned.history.push(
             message.clone(),
             now,
             limits.history_messages,
             limits.history_age,
         );
-        METRICS.history_messages.add(change);
+        account(&mut self.retained, owned.history.retained() - before);
+        self.order
+            .push_back((message.topic.clone(), message.epoch.clone(), message.seq));
 
         let mut routes: Vec<Route> = Vec::new();
         fn route_for<'a>(routes: &'a mut Vec<Route>, node: &NodeId) -> &'a mut Route {
@@ -280,7 +309,38 @@ impl TopicOwner {
                 }
             }
         });
+        self.evict_over_budget();
         (message, routes)
+    }
+
+    /// Drops the oldest retained messages, whatever their topic, until the
+    /// histories fit `history_bytes`.
+    fn evict_over_budget(&mut self) {
+        while self.retained.bytes > self.limits.history_bytes {
+            let Some((topic, epoch, seq)) = self.order.pop_front() else {
+                break;
+            };
+            let Some(owned) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            // Older entries are gone, so a live one is its topic's oldest.
+            if !Arc::ptr_eq(&owned.epoch, &epoch) || owned.history.first_seq() != Some(seq) {
+                continue;
+            }
+            let before = owned.history.retained();
+            owned.history.pop_oldest();
+            account(&mut self.retained, owned.history.retained() - before);
+            METRICS.history_evicted.inc();
+        }
+        if self.order.len() > 2 * self.retained.messages + ORDER_SLACK {
+            let topics = &self.topics;
+            self.order.retain(|(topic, epoch, seq)| {
+                topics.get(topic).is_some_and(|owned| {
+                    Arc::ptr_eq(&owned.epoch, epoch)
+                        && owned.history.first_seq().is_some_and(|first| first <= *seq)
+                })
+            });
+        }
     }
 
     /// Records that `node` has subscribers for `key`. For an exact topic,
@@ -384,9 +444,11 @@ impl TopicOwner {
     /// topics meanwhile: continuing the old epoch would let a subscriber
     /// resume "recovered" past messages it never saw.
     pub fn new_epochs(&mut self) {
-        let mut dropped = 0usize;
         for owned in self.topics.values_mut() {
-            dropped += owned.history.len();
+            account(
+                &mut self.retained,
+                Retained::default() - owned.history.retained(),
+            );
             owned.history = History::default();
             owned.seq = 0;
             owned.epoch = new_epoch();
@@ -401,22 +463,20 @@ impl TopicOwner {
                 owned.reach(node);
             }
         }
-        METRICS.history_messages.add(-(dropped as i64));
     }
 
     /// Drops the topics `keep` says this node no longer owns: their new
     /// owner starts a new epoch, so subscribers learn of the gap.
     pub fn retain_topics(&mut self, mut keep: impl FnMut(&Topic) -> bool) {
         let before = self.topics.len();
-        let mut dropped_history = 0usize;
+        let retained = &mut self.retained;
         self.topics.retain(|topic, owned| {
             let kept = keep(topic);
             if !kept {
-                dropped_history += owned.history.len();
+                account(retained, Retained::default() - owned.history.retained());
             }
             kept
         });
-        METRICS.history_messages.add(-(dropped_history as i64));
         METRICS.topics.add(-((before - self.topics.len()) as i64));
     }
 
@@ -451,13 +511,14 @@ impl TopicOwner {
     /// (their next message starts a new epoch).
     pub fn sweep(&mut self, now: Instant) {
         let age = self.limits.history_age;
-        let mut expired = 0usize;
         let before = self.topics.len();
+        let retained = &mut self.retained;
         self.topics.retain(|_, owned| {
-            expired += owned.history.expire(now, age);
+            let held = owned.history.retained();
+            owned.history.expire(now, age);
+            account(retained, owned.history.retained() - held);
             !owned.history.is_empty() || !owned.interest.is_empty()
         });
-        METRICS.history_messages.add(-(expired as i64));
         METRICS.topics.add(-((before - self.topics.len()) as i64));
     }
 
@@ -468,8 +529,8 @@ impl TopicOwner {
 
 impl Drop for TopicOwner {
     fn drop(&mut self) {
-        let held: usize = self.topics.values().map(|t| t.history.len()).sum();
-        METRICS.history_messages.add(-(held as i64));
+        let held = self.retained;
+        account(&mut self.retained, Retained::default() - held);
         METRICS.topics.add(-(self.topics.len() as i64));
     }
 }
@@ -494,6 +555,7 @@ mod tests {
         TopicOwner::new(OwnerLimits {
             history_messages: 3,
             history_age: Duration::from_secs(60),
+            history_bytes: usize::MAX,
         })
     }
 
@@ -638,11 +700,74 @@ mod tests {
         assert_eq!(seqs(o.rejoin_interest(&late, &key("t", None))), [1, 2]);
     }
 
+    fn owner_within(history_bytes: usize) -> TopicOwner {
+        TopicOwner::new(OwnerLimits {
+            history_messages: 1000,
+            history_age: Duration::from_secs(60),
+            history_bytes,
+        })
+    }
+
+    fn retained(o: &TopicOwner, t: &str) -> Vec<u64> {
+        o.topics
+            .get(&topic(t))
+            .map(|owned| owned.history.after(0).map(|m| m.seq).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn over_the_byte_budget_the_oldest_messages_go_whatever_their_topic() {
+        let one = crate::history::retained_size(&publish(&mut owner(), "a").0);
+        let mut o = owner_within(4 * one);
+        for t in ["a", "b", "a", "c"] {
+            publish(&mut o, t);
+        }
+        assert_eq!(
+            (retained(&o, "a"), retained(&o, "b")),
+            (vec![1, 2], vec![1])
+        );
+        // A fifth message pushes out the oldest (a/1), then the next (b/1).
+        publish(&mut o, "c");
+        assert_eq!(retained(&o, "a"), [2]);
+        publish(&mut o, "d");
+        assert_eq!(
+            (retained(&o, "a"), retained(&o, "b"), retained(&o, "c")),
+            (vec![2], vec![], vec![1, 2])
+        );
+        assert_eq!(o.retained.bytes, 4 * one);
+        // A subscriber resuming `a` from the start learns of the gap.
+        let snapshot = o.snapshot(&topic("a"), Some(0), None);
+        assert_eq!(snapshot.recovered, Some(false));
+        assert_eq!(snapshot.replay.len(), 1);
+    }
+
+    #[test]
+    fn the_eviction_order_forgets_messages_that_left_by_count() {
+        // One old message on `slow` stays while `busy` turns over its
+        // history many times: the order must not keep every busy message.
+        let mut o = TopicOwner::new(OwnerLimits {
+            history_messages: 10,
+            history_age: Duration::from_secs(60),
+            history_bytes: usize::MAX,
+        });
+        publish(&mut o, "slow");
+        for _ in 0..100_000 {
+            publish(&mut o, "busy");
+        }
+        assert_eq!(o.retained.messages, 11);
+        assert!(
+            o.order.len() <= 2 * 11 + ORDER_SLACK + 1,
+            "order holds {} entries for 11 retained messages",
+            o.order.len()
+        );
+    }
+
     #[test]
     fn sweep_forgets_idle_topics_and_starts_a_new_epoch() {
         let mut o = TopicOwner::new(OwnerLimits {
             history_messages: 3,
             history_age: Duration::from_millis(0),
+            history_bytes: usize::MAX,
         });
         let (first, _) = publish(&mut o, "t");
         o.sweep(Instant::now() + Duration::from_millis(5));
