@@ -11,8 +11,8 @@ use crate::owner::Sequenced;
 
 /// Bytes a retained message is counted as, beyond its topic and twice its
 /// data (the data, and the `msg` encoded from it for local subscribers):
-/// the message's own allocation, its encodings' headers, its place in the
-/// history.
+/// the message's own allocation, its encodings' headers, its places in the
+/// history and in the owner's eviction order.
 const PER_MESSAGE_BYTES: usize = 256;
 
 /// What a retained message is counted as against `history.max_bytes`.

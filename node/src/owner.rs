@@ -332,6 +332,13 @@ impl TopicOwner {
             account(&mut self.retained, owned.history.retained() - before);
             METRICS.history_evicted.inc();
         }
+        self.clean_order();
+    }
+
+    /// Drops the entries of `order` whose messages left, once they
+    /// outnumber the retained ones: linear, so rare enough to be O(1) per
+    /// message.
+    fn clean_order(&mut self) {
         if self.order.len() > 2 * self.retained.messages + ORDER_SLACK {
             let topics = &self.topics;
             self.order.retain(|(topic, epoch, seq)| {
@@ -340,6 +347,10 @@ impl TopicOwner {
                         && owned.history.first_seq().is_some_and(|first| first <= *seq)
                 })
             });
+            // Give back what a flood grew.
+            if self.order.capacity() > 4 * self.order.len() + ORDER_SLACK {
+                self.order.shrink_to(2 * self.order.len() + ORDER_SLACK);
+            }
         }
     }
 
@@ -520,6 +531,9 @@ impl TopicOwner {
             !owned.history.is_empty() || !owned.interest.is_empty()
         });
         METRICS.topics.add(-((before - self.topics.len()) as i64));
+        // Without publishes, this is what lets go of expired messages'
+        // entries (and the topics they name).
+        self.clean_order();
     }
 
     pub fn topic_count(&self) -> usize {
@@ -760,6 +774,29 @@ mod tests {
             "order holds {} entries for 11 retained messages",
             o.order.len()
         );
+    }
+
+    #[test]
+    fn a_sweep_lets_go_of_expired_messages_in_the_eviction_order() {
+        let mut o = TopicOwner::new(OwnerLimits {
+            history_messages: 1000,
+            history_age: Duration::from_secs(1),
+            history_bytes: usize::MAX,
+        });
+        let start = Instant::now();
+        for i in 0..10_000 {
+            o.publish(
+                topic(&format!("t{}", i % 500)),
+                Data::null(),
+                None,
+                None,
+                start,
+            );
+        }
+        assert_eq!(o.order.len(), 10_000);
+        o.sweep(start + Duration::from_secs(2));
+        assert_eq!((o.topic_count(), o.retained), (0, Retained::default()));
+        assert!(o.order.is_empty(), "{} entries left", o.order.len());
     }
 
     #[test]
