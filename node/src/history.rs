@@ -3,7 +3,7 @@
 //! (`history.max_bytes`) by dropping the oldest messages first.
 
 use std::collections::VecDeque;
-use std::ops::Sub;
+use std::ops::{AddAssign, Sub};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,13 @@ pub fn retained_size(message: &Sequenced) -> usize {
 pub struct Retained {
     pub messages: usize,
     pub bytes: usize,
+}
+
+impl AddAssign for Retained {
+    fn add_assign(&mut self, other: Retained) {
+        self.messages += other.messages;
+        self.bytes += other.bytes;
+    }
 }
 
 impl Sub for Retained {

@@ -455,11 +455,9 @@ impl TopicOwner {
     /// topics meanwhile: continuing the old epoch would let a subscriber
     /// resume "recovered" past messages it never saw.
     pub fn new_epochs(&mut self) {
+        let held = self.retained;
+        account(&mut self.retained, Retained::default() - held);
         for owned in self.topics.values_mut() {
-            account(
-                &mut self.retained,
-                Retained::default() - owned.history.retained(),
-            );
             owned.history = History::default();
             owned.seq = 0;
             owned.epoch = new_epoch();
@@ -480,14 +478,15 @@ impl TopicOwner {
     /// owner starts a new epoch, so subscribers learn of the gap.
     pub fn retain_topics(&mut self, mut keep: impl FnMut(&Topic) -> bool) {
         let before = self.topics.len();
-        let retained = &mut self.retained;
+        let mut dropped = Retained::default();
         self.topics.retain(|topic, owned| {
             let kept = keep(topic);
             if !kept {
-                account(retained, Retained::default() - owned.history.retained());
+                dropped += owned.history.retained();
             }
             kept
         });
+        account(&mut self.retained, Retained::default() - dropped);
         METRICS.topics.add(-((before - self.topics.len()) as i64));
     }
 
@@ -523,13 +522,15 @@ impl TopicOwner {
     pub fn sweep(&mut self, now: Instant) {
         let age = self.limits.history_age;
         let before = self.topics.len();
-        let retained = &mut self.retained;
+        // One gauge update per sweep, not per topic.
+        let (mut held, mut left) = (Retained::default(), Retained::default());
         self.topics.retain(|_, owned| {
-            let held = owned.history.retained();
+            held += owned.history.retained();
             owned.history.expire(now, age);
-            account(retained, owned.history.retained() - held);
+            left += owned.history.retained();
             !owned.history.is_empty() || !owned.interest.is_empty()
         });
+        account(&mut self.retained, left - held);
         METRICS.topics.add(-((before - self.topics.len()) as i64));
         // Without publishes, this is what lets go of expired messages'
         // entries (and the topics they name).
@@ -753,6 +754,10 @@ mod tests {
         let snapshot = o.snapshot(&topic("a"), Some(0), None);
         assert_eq!(snapshot.recovered, Some(false));
         assert_eq!(snapshot.replay.len(), 1);
+        o.retain_topics(|t| t.as_str() != "c");
+        assert_eq!(o.retained.bytes, 2 * one);
+        o.new_epochs();
+        assert_eq!(o.retained, Retained::default());
     }
 
     #[test]
