@@ -16,10 +16,6 @@ use serde::Deserialize;
 /// only adds latency.
 const MAX_WRITE_DELAY: Duration = Duration::from_secs(1);
 
-/// Default for `history.max_bytes`: a node under a flood of large messages
-/// to many topics stays within memory its operator planned for.
-const DEFAULT_HISTORY_MAX_BYTES: usize = 512 * 1024 * 1024;
-
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -268,7 +264,7 @@ pub struct Settings {
     #[arg(long = "history-max-age", env = "HERALD_HISTORY_MAX_AGE", value_parser = duration)]
     pub history_max_age: Option<Duration>,
     /// Bytes all topic histories of the node may hold together; past it the
-    /// oldest messages go first.
+    /// oldest messages go first. 0 (the default) is no bound.
     #[arg(long = "history-max-bytes", env = "HERALD_HISTORY_MAX_BYTES")]
     pub history_max_bytes: Option<usize>,
 
@@ -522,7 +518,9 @@ impl Default for HistoryConfig {
         HistoryConfig {
             max_messages: 1000,
             max_age: Duration::from_secs(300),
-            max_bytes: DEFAULT_HISTORY_MAX_BYTES,
+            // No bound by default: the contract promises every topic at
+            // least `max_messages` and `max_age`. Production configs set one.
+            max_bytes: 0,
         }
     }
 }
@@ -699,10 +697,10 @@ impl Config {
         if self.history.max_messages == 0 {
             return invalid("history.max_messages", "must be at least 1");
         }
-        if self.history.max_bytes < self.client.max_message_bytes {
+        if self.history.max_bytes != 0 && self.history.max_bytes < self.client.max_message_bytes {
             return invalid(
                 "history.max_bytes",
-                "must be at least client.max_message_bytes (one message)",
+                "must be 0 (no bound) or at least client.max_message_bytes (one message)",
             );
         }
         if self.auth.hs256_secret.is_some() && self.auth.rs256_public_key.is_some() {

@@ -194,6 +194,32 @@ pub fn check_memory(limit: Option<u64>, needed: u64, max_connections: usize) -> 
     }
 }
 
+/// Topic history is the one store that grows with traffic rather than with
+/// connections: it needs a bound, and one the memory limit can hold.
+pub fn check_history(max_bytes: usize, limit: Option<u64>) -> Finding {
+    let max = max_bytes as u64;
+    match limit {
+        _ if max == 0 => Finding::warn(
+            "history-memory",
+            "history.max_bytes is 0: topic histories have no node-wide bound",
+            "set history.max_bytes (deploy/systemd/herald.toml: 2 GiB with MemoryMax=8G)",
+        ),
+        Some(limit) if max > limit / 2 => Finding::warn(
+            "history-memory",
+            format!(
+                "history.max_bytes {} MiB is over half the memory limit {} MiB",
+                max >> 20,
+                limit >> 20
+            ),
+            "lower history.max_bytes or raise MemoryMax",
+        ),
+        _ => Finding::pass(
+            "history-memory",
+            format!("history.max_bytes {} MiB", max >> 20),
+        ),
+    }
+}
+
 /// `cpu.max` is "QUOTA PERIOD" or "max PERIOD".
 pub fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut parts = text.split_whitespace();
@@ -334,6 +360,7 @@ pub fn examine(config: &Config) -> Vec<Finding> {
         wmem.map_or(16_384, |w| w[1]),
     );
     findings.push(check_memory(limit, needed, max));
+    findings.push(check_history(config.history.max_bytes, limit));
     let threads = config
         .node
         .worker_threads
@@ -454,6 +481,15 @@ mod tests {
             check_memory(Some(needed / 2), needed, 50_000).verdict,
             Verdict::Warn
         );
+    }
+
+    #[test]
+    fn history_needs_a_bound_the_memory_limit_holds() {
+        let gib = 1usize << 30;
+        assert_eq!(check_history(0, Some(8 << 30)).verdict, Verdict::Warn);
+        assert_eq!(check_history(2 * gib, Some(8 << 30)).verdict, Verdict::Pass);
+        assert_eq!(check_history(2 * gib, None).verdict, Verdict::Pass);
+        assert_eq!(check_history(5 * gib, Some(8 << 30)).verdict, Verdict::Warn);
     }
 
     #[test]

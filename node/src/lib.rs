@@ -136,8 +136,9 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
             history_messages: config.history.max_messages,
             history_age: config.history.max_age,
             // Each shard owns its topics' histories: the node's budget is
-            // split evenly between them.
-            history_bytes: config.history.max_bytes / shards.max(1),
+            // split evenly between them. 0 is no bound.
+            history_bytes: (config.history.max_bytes > 0)
+                .then(|| config.history.max_bytes / shards.max(1)),
         },
         transport: peers
             .as_ref()

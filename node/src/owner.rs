@@ -110,8 +110,9 @@ pub struct OwnerLimits {
     pub history_messages: usize,
     pub history_age: Duration,
     /// What this owner's histories may hold together
-    /// ([`crate::history::retained_size`]); past it the oldest messages go.
-    pub history_bytes: usize,
+    /// ([`crate::history::retained_size`]), if bounded; past it the oldest
+    /// messages go.
+    pub history_bytes: Option<usize>,
 }
 
 /// Nodes with interest in one key; groups pick among them in turn.
@@ -185,9 +186,9 @@ pub struct TopicOwner {
     wildcard_index: PatternIndex<SubKey>,
     /// What every topic's history holds, together.
     retained: Retained,
-    /// Every retained message (topic, epoch, seq), in the order it was
-    /// sequenced: the oldest goes first when `retained` is over
-    /// `history_bytes`. Entries of messages that already left (by count,
+    /// With `history_bytes`, every retained message (topic, epoch, seq), in
+    /// the order it was sequenced: the oldest goes first when `retained` is
+    /// over `history_bytes`. Entries of messages that already left (by count,
     /// age or a new epoch) are skipped then, and dropped in bulk once they
     /// outnumber the live ones.
     order: VecDeque<(Topic, Arc<str>, u64)>,
@@ -256,8 +257,10 @@ impl TopicOwner {
             limits.history_age,
         );
         account(&mut self.retained, owned.history.retained() - before);
-        self.order
-            .push_back((message.topic.clone(), message.epoch.clone(), message.seq));
+        if limits.history_bytes.is_some() {
+            self.order
+                .push_back((message.topic.clone(), message.epoch.clone(), message.seq));
+        }
 
         let mut routes: Vec<Route> = Vec::new();
         fn route_for<'a>(routes: &'a mut Vec<Route>, node: &NodeId) -> &'a mut Route {
@@ -316,7 +319,10 @@ impl TopicOwner {
     /// Drops the oldest retained messages, whatever their topic, until the
     /// histories fit `history_bytes`.
     fn evict_over_budget(&mut self) {
-        while self.retained.bytes > self.limits.history_bytes {
+        let Some(limit) = self.limits.history_bytes else {
+            return;
+        };
+        while self.retained.bytes > limit {
             let Some((topic, epoch, seq)) = self.order.pop_front() else {
                 break;
             };
@@ -570,7 +576,7 @@ mod tests {
         TopicOwner::new(OwnerLimits {
             history_messages: 3,
             history_age: Duration::from_secs(60),
-            history_bytes: usize::MAX,
+            history_bytes: None,
         })
     }
 
@@ -719,7 +725,7 @@ mod tests {
         TopicOwner::new(OwnerLimits {
             history_messages: 1000,
             history_age: Duration::from_secs(60),
-            history_bytes,
+            history_bytes: Some(history_bytes),
         })
     }
 
@@ -767,7 +773,7 @@ mod tests {
         let mut o = TopicOwner::new(OwnerLimits {
             history_messages: 10,
             history_age: Duration::from_secs(60),
-            history_bytes: usize::MAX,
+            history_bytes: Some(usize::MAX),
         });
         publish(&mut o, "slow");
         for _ in 0..100_000 {
@@ -786,7 +792,7 @@ mod tests {
         let mut o = TopicOwner::new(OwnerLimits {
             history_messages: 1000,
             history_age: Duration::from_secs(1),
-            history_bytes: usize::MAX,
+            history_bytes: Some(usize::MAX),
         });
         let start = Instant::now();
         for i in 0..10_000 {
@@ -809,7 +815,7 @@ mod tests {
         let mut o = TopicOwner::new(OwnerLimits {
             history_messages: 3,
             history_age: Duration::from_millis(0),
-            history_bytes: usize::MAX,
+            history_bytes: Some(usize::MAX),
         });
         let (first, _) = publish(&mut o, "t");
         o.sweep(Instant::now() + Duration::from_millis(5));

@@ -384,7 +384,7 @@ mod tests {
             limits: OwnerLimits {
                 history_messages: 10,
                 history_age: Duration::from_secs(60),
-                history_bytes: usize::MAX,
+                history_bytes: None,
             },
             transport: Some(transport.clone()),
             request_timeout: Duration::from_secs(30),

@@ -78,6 +78,7 @@ fn doctor_passes_a_fitting_host_and_fails_a_taken_port() {
         "somaxconn",
         "tcp-buffers",
         "memory-limit",
+        "history-memory",
         "selinux",
         "client-port",
     ] {
