@@ -153,17 +153,16 @@ impl SessionHandle {
     /// Queues an encoded message for the client; the writer may hold it
     /// back for `client.write_delay` to batch it with the next ones.
     pub fn push(&self, object: Bytes) -> Pushed {
-        let (pushed, wake) = self.enqueue(object, false);
-        if wake {
-            self.shared.ready.notify_one();
-        }
-        pushed
+        self.wake_now(self.enqueue(object, false))
     }
 
     /// Queues a reply to one of the client's requests: the writer sends it
     /// (and everything queued before it) without waiting.
     pub fn push_reply(&self, object: Bytes) -> Pushed {
-        let (pushed, wake) = self.enqueue(object, true);
+        self.wake_now(self.enqueue(object, true))
+    }
+
+    fn wake_now(&self, (pushed, wake): (Pushed, bool)) -> Pushed {
         if wake {
             self.shared.ready.notify_one();
         }

@@ -79,11 +79,7 @@ impl MemoryNetwork {
         }
         wire.nodes.insert(node.clone(), (generation, inbound));
         wire.wanted.entry(node.clone()).or_default();
-        let backlog = wire
-            .backlogs
-            .entry(node.clone())
-            .or_insert_with(|| Arc::new(Backlog::new(LINK_QUEUE)))
-            .clone();
+        let backlog = Self::backlog_of(&mut wire, &node);
         Self::reconcile(&mut wire);
         MemoryTransport {
             node,
@@ -111,6 +107,14 @@ impl MemoryNetwork {
         let mut wire = self.lock();
         wire.cut.remove(&pair(a, b));
         Self::reconcile(&mut wire);
+    }
+
+    /// The backlog of `node`'s links, made on first use.
+    fn backlog_of(wire: &mut Wire, node: &NodeId) -> Arc<Backlog> {
+        wire.backlogs
+            .entry(node.clone())
+            .or_insert_with(|| Arc::new(Backlog::new(LINK_QUEUE)))
+            .clone()
     }
 
     fn unlink(wire: &mut Wire, link: &(NodeId, NodeId)) {
@@ -164,12 +168,7 @@ impl MemoryNetwork {
                     frames: frames_tx,
                 });
                 let (tx, mut rx) = mpsc::channel::<Bytes>(LINK_QUEUE);
-                let backlog = wire
-                    .backlogs
-                    .entry(from.clone())
-                    .or_insert_with(|| Arc::new(Backlog::new(LINK_QUEUE)))
-                    .clone();
-                let backlog = Arc::new(LinkBacklog::new(backlog, LINK_QUEUE));
+                let backlog = Arc::new(LinkBacklog::new(Self::backlog_of(wire, from), LINK_QUEUE));
                 wire.senders
                     .insert((from.clone(), to.clone()), (tx, backlog.clone()));
                 let from_id = from.clone();
