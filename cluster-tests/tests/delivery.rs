@@ -101,6 +101,40 @@ async fn missing_data_is_bad_request() -> Result<()> {
     ws.close().await
 }
 
+#[tokio::test]
+async fn json_data_msgpack_subscribers_could_not_get_is_bad_request() -> Result<()> {
+    let node = Node::start(&[]).await?;
+    let mut mp_sub = node.ws_msgpack().await?;
+    mp_sub.sub("data.x").await?;
+    let mut publisher = node.ws().await?;
+    let too_deep = "[".repeat(128) + &"]".repeat(128);
+    for (id, data) in [
+        (1, "1e400"),
+        (2, r#"{"k":"\ud800"}"#),
+        (3, too_deep.as_str()),
+    ] {
+        publisher
+            .send_raw_text(&format!(
+                r#"{{"op":"pub","id":{id},"topic":"data.x","data":{data}}}"#
+            ))
+            .await?;
+        let err = publisher.expect_err(Some(id), "bad_request").await?;
+        ensure!(
+            err["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("`data`")),
+            "{err}"
+        );
+    }
+    // Nothing was sequenced, and the session goes on.
+    let (seq, _) = publisher.publish("data.x", json!({"n": 1e300})).await?;
+    ensure!(seq == 1, "a refused pub was sequenced: seq {seq}");
+    mp_sub.expect_msg("data.x", &json!({"n": 1e300})).await?;
+    mp_sub.expect_nothing(QUIET).await?;
+    mp_sub.close().await?;
+    publisher.close().await
+}
+
 /// Publishing to yourself: the ok and the msg may come in either order.
 trait OwnPublish {
     async fn publish_and_collect(&mut self, topic: &str, data: Value) -> Result<(u64, Value)>;

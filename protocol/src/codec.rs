@@ -179,6 +179,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pub_whose_data_msgpack_cannot_carry_is_refused_alone() {
+        let frame = br#"[{"op":"pub","id":1,"topic":"a","data":1e400},
+            {"op":"pub","id":2,"topic":"a","data":{"n":1e300}}]"#;
+        let results = decode_frame(Codec::Json, frame);
+        let refused = results[0].as_ref().expect_err("1e400 is not an f64");
+        assert_eq!((refused.id, refused.code), (Some(1), ErrorCode::BadRequest));
+        assert!(
+            refused.message.contains("64-bit float"),
+            "{}",
+            refused.message
+        );
+        assert!(matches!(results[1], Ok(Request::Pub { id: Some(2), .. })));
+    }
+
+    #[test]
     fn malformed_frames_are_one_error() {
         for frame in [&b"{"[..], b"[1,", b"", b"\xff"] {
             let results = decode_frame(Codec::Json, frame);

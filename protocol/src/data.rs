@@ -3,6 +3,8 @@
 
 use base64::Engine;
 use bytes::Bytes;
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// A message's `data`. Between nodes it travels as a MessagePack enum whose
 /// payload is a `bin` (the bytes as they arrived; peers are authenticated
@@ -27,10 +29,24 @@ impl std::fmt::Debug for Data {
     }
 }
 
-/// A JSON body that did not parse.
+/// JSON `data` that is refused at publish.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid JSON: {0}")]
-pub struct InvalidJson(#[from] serde_json::Error);
+pub enum InvalidJson {
+    /// Not JSON at all.
+    #[error("invalid JSON: {0}")]
+    Syntax(serde_json::Error),
+    /// Well-formed JSON that a MessagePack subscriber could not be given
+    /// as it is (see [`check_transcodable`]).
+    #[error(
+        "JSON data must have numbers within 64-bit float range, strings of valid \
+         Unicode and at most {MAX_JSON_DEPTH} levels of nesting: {0}"
+    )]
+    Untranscodable(serde_json::Error),
+}
+
+/// How deeply JSON `data` may nest: what `serde_json` parses into a value,
+/// which is how JSON data is turned into MessagePack.
+pub const MAX_JSON_DEPTH: usize = 127;
 
 impl Data {
     /// JSON `null`.
@@ -38,9 +54,16 @@ impl Data {
         Data::Json(Bytes::from_static(b"null"))
     }
 
-    /// Validates JSON text and keeps it as the payload.
+    /// Validates JSON text (an HTTP body) and keeps it as the payload.
     pub fn from_json_text(text: &[u8]) -> Result<Data, InvalidJson> {
-        let raw: &serde_json::value::RawValue = serde_json::from_slice(text)?;
+        let raw: &RawValue = serde_json::from_slice(text).map_err(InvalidJson::Syntax)?;
+        Data::from_raw_json(raw)
+    }
+
+    /// Keeps one well-formed JSON value as the payload, once it is known
+    /// that every subscriber can receive it.
+    pub fn from_raw_json(raw: &RawValue) -> Result<Data, InvalidJson> {
+        check_transcodable(raw.get()).map_err(InvalidJson::Untranscodable)?;
         Ok(Data::Json(Bytes::copy_from_slice(raw.get().as_bytes())))
     }
 
@@ -90,6 +113,70 @@ impl Data {
                 }
             },
         }
+    }
+}
+
+/// Checks that well-formed JSON parses into a `serde_json::Value`, which is
+/// what [`Data::write_msgpack`] does for MessagePack subscribers.
+///
+/// Skimming JSON (as `RawValue` does) accepts text that a full parse refuses:
+/// numbers beyond `f64` (`1e400`), lone UTF-16 surrogates in escapes, and
+/// nesting past the parser's depth limit. Accepting those at publish would
+/// hand MessagePack subscribers `nil` in place of the data, so they are
+/// refused at publish instead. This walks the text with the same parser and
+/// limits as that conversion, without building the value.
+pub fn check_transcodable(text: &str) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    Checked::deserialize(&mut de)?;
+    de.end()
+}
+
+/// A JSON value parsed for its errors only.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        // `deserialize_any` (not `deserialize_ignored_any`, which skims):
+        // numbers, strings and depth are checked as a `Value` parse checks them.
+        de.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Checked>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
     }
 }
 
@@ -244,6 +331,72 @@ mod tests {
         let mut packed = Vec::new();
         data.write_msgpack(&mut packed);
         assert_eq!(packed, vec![0xc4, 4, 0, 1, 2, 255]);
+    }
+
+    #[test]
+    fn json_a_msgpack_subscriber_could_not_get_is_refused() {
+        let nested = |depth: usize| "[".repeat(depth) + &"]".repeat(depth);
+        for text in [
+            "1e400".to_owned(),
+            "[-1e400]".to_owned(),
+            r#"{"k":"\ud800"}"#.to_owned(),
+            r#"{"\udc00":1}"#.to_owned(),
+            nested(MAX_JSON_DEPTH + 1),
+        ] {
+            let refused = Data::from_json_text(text.as_bytes());
+            assert!(
+                matches!(refused, Err(InvalidJson::Untranscodable(_))),
+                "{text:.20}: {refused:?}"
+            );
+        }
+        for text in [
+            "1e308".to_owned(),
+            "123456789012345678901234567890".to_owned(),
+            r#""\ud83d\ude00""#.to_owned(),
+            nested(MAX_JSON_DEPTH),
+        ] {
+            let data = Data::from_json_text(text.as_bytes()).expect(&text);
+            let mut packed = Vec::new();
+            data.write_msgpack(&mut packed);
+            assert_ne!(packed, [0xc0], "{text:.20} became nil");
+        }
+    }
+
+    proptest::proptest! {
+        /// Publish accepts exactly the JSON that can be turned into
+        /// MessagePack: never more (a subscriber would get nil), never less.
+        #[test]
+        fn publish_accepts_exactly_the_json_msgpack_subscribers_can_get(text in json_like()) {
+            let accepted = Data::from_json_text(text.as_bytes()).is_ok();
+            let parses = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+            proptest::prop_assert_eq!(accepted, parses, "{}", text);
+        }
+    }
+
+    /// JSON text rich in the corners where skimming and parsing differ:
+    /// huge exponents, surrogate escapes; sometimes not JSON at all.
+    fn json_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let number = "-?[0-9]{1,3}(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,3})?";
+        let string = r#""([a-z ]|\\u[dD][89abcdefABCDEF][0-9a-f]{2}|\\u00[0-9a-f]{2}|\\[nt"])*""#;
+        let leaf = prop_oneof![
+            number.prop_map(|s| s),
+            string.prop_map(|s| s),
+            Just("true".to_owned()),
+            Just("null".to_owned()),
+            "[{}\\[\\],:\"a-z0-9 ]{0,8}".prop_map(|s| s),
+        ];
+        leaf.prop_recursive(6, 64, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6)
+                    .prop_map(|items| format!("[{}]", items.join(","))),
+                proptest::collection::vec((string, inner), 0..6).prop_map(|pairs| {
+                    let fields: Vec<String> =
+                        pairs.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    format!("{{{}}}", fields.join(","))
+                }),
+            ]
+        })
     }
 
     #[test]

@@ -79,7 +79,7 @@ trait FieldValue {
     fn as_u64(&self) -> Option<u64>;
     fn as_string(&self) -> Option<String>;
     fn is_null(&self) -> bool;
-    fn to_data(&self) -> Data;
+    fn to_data(&self) -> Result<Data, String>;
 }
 
 impl FieldValue for &RawValue {
@@ -92,8 +92,8 @@ impl FieldValue for &RawValue {
     fn is_null(&self) -> bool {
         self.get() == "null"
     }
-    fn to_data(&self) -> Data {
-        Data::Json(Bytes::copy_from_slice(self.get().as_bytes()))
+    fn to_data(&self) -> Result<Data, String> {
+        Data::from_raw_json(self).map_err(|e| e.to_string())
     }
 }
 
@@ -110,13 +110,13 @@ impl FieldValue for rmpv::ValueRef<'_> {
     fn is_null(&self) -> bool {
         matches!(self, rmpv::ValueRef::Nil)
     }
-    fn to_data(&self) -> Data {
+    fn to_data(&self) -> Result<Data, String> {
         let mut out = Vec::new();
         // Writing into a Vec cannot fail.
         let _ = rmpv::encode::write_value_ref(&mut out, self);
         match self {
-            rmpv::ValueRef::Binary(bytes) => Data::Binary(Bytes::copy_from_slice(bytes)),
-            _ => Data::Msgpack(Bytes::from(out)),
+            rmpv::ValueRef::Binary(bytes) => Ok(Data::Binary(Bytes::copy_from_slice(bytes))),
+            _ => Ok(Data::Msgpack(Bytes::from(out))),
         }
     }
 }
@@ -243,7 +243,8 @@ fn interpret<V: FieldValue>(fields: Fields<V>) -> Result<Request, RequestError> 
                 .data
                 .as_ref()
                 .ok_or_else(|| RequestError::bad(id, "missing `data` (it may be null)"))?
-                .to_data();
+                .to_data()
+                .map_err(|why| RequestError::bad(id, format!("`data`: {why}")))?;
             let trace = string_field(&fields.trace, "trace")?.and_then(|t| TraceParent::parse(&t));
             let tracestate = string_field(&fields.tracestate, "tracestate")?;
             if tracestate
