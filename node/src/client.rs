@@ -384,6 +384,11 @@ pub fn percent_decode(text: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3)?;
+            // Two hex digits exactly: `from_str_radix` alone would also take
+            // a sign (`%+5`).
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             let hex = std::str::from_utf8(hex).ok()?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
@@ -404,6 +409,8 @@ mod tests {
         assert_eq!(percent_decode("a.b%3Ac"), Some("a.b:c".into()));
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("a%+5"), None);
+        assert_eq!(percent_decode("%-0"), None);
         assert_eq!(percent_decode("%ff"), None);
     }
 
