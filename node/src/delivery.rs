@@ -283,6 +283,15 @@ impl LocalSubscriptions {
         self.exact.is_empty() && self.wildcard.is_empty()
     }
 
+    /// (session, key) pairs held.
+    pub fn entries(&self) -> usize {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .map(|s| s.plain.len() + s.groups.values().map(|m| m.sessions.len()).sum::<usize>())
+            .sum()
+    }
+
     /// True when some session here holds `key`.
     pub fn holds(&self, key: &SubKey) -> bool {
         let subscribers = match key.pattern.as_topic() {
@@ -487,6 +496,12 @@ mod tests {
         local.add(&key("user.*.events", None), s1.clone());
         local.add(&key("user.>", None), s2.clone());
         local.add(&key("other.*", None), s2.clone());
+        local.add(&key("other.*", Some("g")), s1.clone());
+        local.add(&key("other.*", Some("g")), s2.clone());
+        assert_eq!(local.entries(), 5);
+        local.remove(&key("other.*", Some("g")), 1);
+        local.remove(&key("other.*", Some("g")), 2);
+        assert_eq!(local.entries(), 3);
         assert_eq!(local.deliver(&message("user.7.events", 1), &[]), 2);
         assert_eq!(local.deliver(&message("user.7", 2), &[]), 1);
         assert_eq!(local.deliver(&message("user", 3), &[]), 0);
@@ -499,6 +514,7 @@ mod tests {
         local.remove(&key("other.*", None), 2);
         assert!(local.is_empty());
         assert!(local.wildcard_index.is_empty());
+        assert_eq!(local.entries(), 0);
     }
 
     #[test]

@@ -159,6 +159,35 @@ pub struct Metrics {
     pub members_dead: Gauge,
     pub scheduling_lag_micros: Gauge,
     pub delivery_latency: Histogram,
+    /// Entries of the shards' tables, by [`Table`]; each shard refreshes
+    /// its part every second.
+    pub table_entries: [Gauge; 3],
+}
+
+/// The tables a shard keeps, as `herald_table_entries{table}` shows them.
+/// Each should follow the node's subscriptions and traffic; one that grows
+/// while they do not is a leak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// (node, subscription key) pairs the topic owners hold: which nodes
+    /// have subscribers for each topic, pattern and group.
+    Interest = 0,
+    /// (session, subscription key) pairs of this node's sessions.
+    Local = 1,
+    /// Requests waiting on another node's answer.
+    Pending = 2,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Interest, Table::Local, Table::Pending];
+
+    fn label(self) -> &'static str {
+        match self {
+            Table::Interest => "interest",
+            Table::Local => "local",
+            Table::Pending => "pending",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -199,6 +228,7 @@ impl Metrics {
             members_dead: Gauge::new(),
             scheduling_lag_micros: Gauge::new(),
             delivery_latency: Histogram::new(),
+            table_entries: [const { Gauge::new() }; 3],
         }
     }
 
@@ -423,6 +453,20 @@ impl Metrics {
              herald_scheduling_lag_seconds {}",
             self.scheduling_lag_micros.get() as f64 / 1e6
         );
+        header(
+            &mut out,
+            "herald_table_entries",
+            "gauge",
+            "Entries of the routing tables, refreshed every second: interest (nodes with subscribers, held by this node's topic owners), local (this node's sessions per subscription), pending (requests waiting on another node).",
+        );
+        for table in Table::ALL {
+            let _ = writeln!(
+                out,
+                "herald_table_entries{{table=\"{}\"}} {}",
+                table.label(),
+                self.table_entries[table as usize].get()
+            );
+        }
         out
     }
 }
@@ -590,6 +634,14 @@ pub fn set_peer_stats_source(source: PeerStatsSource) -> bool {
 /// families of the registered source, if any.
 pub fn render_all() -> String {
     let mut out = METRICS.render();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        gauge(
+            &mut out,
+            "herald_runtime_alive_tasks",
+            "Tasks alive in the node's runtime: they follow sessions and peer links; a count that stays up after those are gone is a leak.",
+            runtime.metrics().num_alive_tasks() as i64,
+        );
+    }
     if let Some(source) = PEER_STATS.get() {
         render_peers(&mut out, &source());
     }

@@ -546,6 +546,22 @@ impl TopicOwner {
     pub fn topic_count(&self) -> usize {
         self.topics.len()
     }
+
+    /// (node, key) interest pairs held, exact and wildcard.
+    pub fn interest_entries(&self) -> usize {
+        let exact: usize = self
+            .topics
+            .values()
+            .flat_map(|owned| owned.interest.values())
+            .map(|nodes| nodes.nodes.len())
+            .sum();
+        exact
+            + self
+                .wildcards
+                .values()
+                .map(|n| n.nodes.len())
+                .sum::<usize>()
+    }
 }
 
 impl Drop for TopicOwner {
@@ -633,6 +649,13 @@ mod tests {
         o.add_interest(&n1, &key("a.*", None));
         o.add_interest(&n2, &key("a.>", None));
         o.add_interest(&n2, &key("b.*", None));
+        o.add_interest(&n1, &key("c", Some("g")));
+        o.add_interest(&n2, &key("c", Some("g")));
+        o.add_interest(&n2, &key("c", Some("g")));
+        assert_eq!(o.interest_entries(), 5, "a repeated add is one entry");
+        o.remove_interest(&n1, &key("c", Some("g")));
+        o.remove_interest(&n2, &key("c", Some("g")));
+        assert_eq!(o.interest_entries(), 3);
         let nodes = |routes: Vec<Route>| {
             let mut nodes: Vec<NodeId> = routes.into_iter().map(|r| r.node).collect();
             nodes.sort();
@@ -643,8 +666,10 @@ mod tests {
         o.forget_node(&n2);
         assert_eq!(nodes(publish(&mut o, "a.x").1), vec![n1.clone()]);
         assert!(publish(&mut o, "b.x").1.is_empty());
+        assert_eq!(o.interest_entries(), 1);
         o.remove_interest(&n1, &key("a.*", None));
         assert!(o.wildcards.is_empty() && o.wildcard_index.is_empty());
+        assert_eq!(o.interest_entries(), 0);
     }
 
     #[test]

@@ -298,6 +298,22 @@ impl Router {
         self.send(shard, Command::Remote { from, frame }).await
     }
 
+    /// The entries of each [`crate::metrics::Table`], summed over the
+    /// shards, as they are now (`herald_table_entries` lags by up to a
+    /// second).
+    pub async fn table_entries(&self) -> Result<[usize; 3], RouterError> {
+        let mut sum = [0; 3];
+        for shard in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            self.send(shard, Command::Tables(tx)).await?;
+            let entries = rx.await.map_err(|_| RouterError::Stopped)?;
+            for (total, n) in sum.iter_mut().zip(entries) {
+                *total += n;
+            }
+        }
+        Ok(sum)
+    }
+
     /// True when every shard answers within `timeout`.
     pub async fn healthy(&self, timeout: Duration) -> bool {
         let checks = self.shards.iter().map(|shard| async move {

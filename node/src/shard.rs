@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::delivery::{Change, LocalSubscriptions};
-use crate::metrics::METRICS;
+use crate::metrics::{Table, METRICS};
 use crate::outbox::{SessionHandle, SessionId};
 use crate::owner::{NodeId, OwnerLimits, Route, Sequenced, SubKey, TopicOwner};
 use crate::ring::Placement;
@@ -259,6 +259,8 @@ pub enum Command {
     PeerDown(NodeId),
     /// Answers once the shard has run everything sent before it.
     Health(oneshot::Sender<()>),
+    /// Answers with the entries of the shard's tables, by [`Table`].
+    Tables(oneshot::Sender<[usize; 3]>),
 }
 
 /// What a shard needs to know about its place in the node.
@@ -316,6 +318,8 @@ pub struct Shard {
     publishes: BTreeMap<u64, PendingPublish>,
     subscribes: BTreeMap<u64, PendingSubscribe>,
     announces: BTreeMap<u64, PendingAnnounce>,
+    /// This shard's part of `herald_table_entries`, as last reported.
+    reported: [i64; 3],
 }
 
 /// How often history is aged out and idle topics are forgotten.
@@ -339,6 +343,7 @@ impl Shard {
             publishes: BTreeMap::new(),
             subscribes: BTreeMap::new(),
             announces: BTreeMap::new(),
+            reported: [0; 3],
             setup,
         }
     }
@@ -360,7 +365,10 @@ impl Shard {
                         self.handle(command);
                     }
                 }
-                _ = sweep.tick() => self.owner.sweep(Instant::now()),
+                _ = sweep.tick() => {
+                    self.owner.sweep(Instant::now());
+                    self.report_tables();
+                }
                 _ = deadlines.tick() => self.expire(Instant::now()),
             }
             self.local.wake_sessions();
@@ -402,7 +410,29 @@ impl Shard {
             Command::Health(reply) => {
                 let _ = reply.send(());
             }
+            Command::Tables(reply) => {
+                let _ = reply.send(self.table_entries());
+            }
         }
+    }
+
+    /// Brings this shard's part of `herald_table_entries` up to date:
+    /// counted once a second rather than kept on every change, which would
+    /// put bookkeeping on the publish path.
+    fn report_tables(&mut self) {
+        let now = self.table_entries();
+        for table in Table::ALL {
+            let at = table as usize;
+            let count = i64::try_from(now[at]).unwrap_or(i64::MAX);
+            METRICS.table_entries[at].add(count - self.reported[at]);
+            self.reported[at] = count;
+        }
+    }
+
+    /// What each [`Table`] holds now.
+    fn table_entries(&self) -> [usize; 3] {
+        let pending = self.publishes.len() + self.subscribes.len() + self.announces.len();
+        [self.owner.interest_entries(), self.local.entries(), pending]
     }
 
     fn is_self(&self, node: &str) -> bool {
@@ -1116,6 +1146,14 @@ impl Shard {
         // reconnects (peer_up); the subscriber is not held up longer.
         for pending in remove_where(&mut self.announces, |p| p.deadline <= now) {
             pending.done.part_done();
+        }
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        for table in Table::ALL {
+            METRICS.table_entries[table as usize].add(-self.reported[table as usize]);
         }
     }
 }
