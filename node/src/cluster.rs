@@ -572,6 +572,50 @@ mod tests {
         }
     }
 
+    /// Waits until `node`'s tables hold `want` ([interest, local, pending]).
+    async fn tables_become(node: &TestNode, want: [usize; 3]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = node.router.table_entries().await.expect("tables");
+            if now == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: tables [interest, local, pending] are {now:?}, not {want:?}",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscription_withdrawn_before_its_owner_answered_leaves_no_interest() {
+        let (_net, nodes) = cluster(&["a", "b"]).await;
+        let topic = topic_owned_by(&nodes[0], "b", "hasty");
+        let key = InterestKey {
+            pattern: Pattern::parse(&topic).expect("pattern"),
+            group: None,
+        };
+        let mut client = Client::new();
+        // The unsubscribe reaches a's shard before b's answer can: the
+        // Subscribe is withdrawn while b records a's interest.
+        let router = &nodes[0].router;
+        router
+            .subscribe(client.handle.clone(), 1, key.clone(), None, None)
+            .await
+            .expect("subscribe");
+        router
+            .unsubscribe(client.handle.id, key, None)
+            .await
+            .expect("unsubscribe");
+        tables_become(&nodes[1], [0, 0, 0]).await;
+        tables_become(&nodes[0], [0, 0, 0]).await;
+        // And b's messages on the topic no longer come to a.
+        publish(&nodes[1], &topic, "1").await.expect("acked");
+        client.nothing_more().await;
+    }
+
     #[tokio::test]
     async fn recovery_through_a_remote_owner_replays_then_goes_live() {
         let (_net, nodes) = cluster(&["a", "b"]).await;

@@ -788,14 +788,19 @@ impl Shard {
     }
 
     fn unsubscribe(&mut self, session: SessionId, key: SubKey, done: Option<Arc<Completion>>) {
-        // A subscription still waiting for its owner is withdrawn too.
+        // A subscription still waiting for its owner is withdrawn too. Its
+        // `Subscribe` may already have reached the owner, which then holds
+        // this node's interest: that must be taken back like a last
+        // subscriber's, or the owner forwards the topic here for good.
+        let pending_before = self.subscribes.len();
         self.subscribes
             .retain(|_, p| !(p.session.id == session && p.key == key));
-        if self.local.remove(&key, session) == Change::Last {
-            match key.pattern.as_topic() {
-                None => self.owner.remove_interest(&self.setup.node, &key),
-                Some(_) => self.drop_interest_if_unused(&key),
-            }
+        let withdrawn = self.subscribes.len() < pending_before;
+        let last = self.local.remove(&key, session) == Change::Last;
+        match key.pattern.as_topic() {
+            None if last => self.owner.remove_interest(&self.setup.node, &key),
+            Some(_) if last || withdrawn => self.drop_interest_if_unused(&key),
+            _ => {}
         }
         if let Some(done) = done {
             done.part_done();
