@@ -44,6 +44,13 @@ TARGET_TRIPLE=x86_64-unknown-linux-gnu
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 step() { printf '\n== %s\n' "$*"; }
 
+# One build at a time: test binaries run in parallel (cargo nextest) may
+# each find the images missing, and two builds writing target/docker/herald
+# at once truncate it.
+mkdir -p "$TARGET_DIR"
+exec 9>"$TARGET_DIR/compose-build.lock"
+flock 9
+
 if [[ $pull -eq 1 ]]; then
   step "herald:local from source (deploy/docker/Dockerfile, default target)"
   docker build -f deploy/docker/Dockerfile -t herald:local .
