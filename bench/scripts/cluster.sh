@@ -293,7 +293,9 @@ for s in "${SCENARIOS[@]}"; do
   set -e
   h_cpu=$(awk -v a="$h_cpu0" -v b="$(cpu_secs "${HERALD_PIDS[@]}")" 'BEGIN { printf "%.1f", b - a }')
   n_cpu=$(awk -v a="$n_cpu0" -v b="$(cpu_secs "${NATS_PIDS[@]}")" 'BEGIN { printf "%.1f", b - a }')
-  CPU_ROWS+=("| $name | $h_cpu | $n_cpu | $(rss_mib "${HERALD_PIDS[@]}") | $(rss_mib "${NATS_PIDS[@]}") | $load |")
+  # The load generator's CPU seconds in each run: "GENERATOR_CPU | herald | nats |".
+  gen=$(grep -m1 '^GENERATOR_CPU |' "$OUT_DIR/$name.log" | awk -F'|' '{ gsub(/ /, ""); print $2 " | " $3 }')
+  CPU_ROWS+=("| $name | $h_cpu | $n_cpu | ${gen:-- | -} | $(rss_mib "${HERALD_PIDS[@]}") | $(rss_mib "${NATS_PIDS[@]}") | $load |")
   if ((rc == 124 || rc == 137)); then
     log "$name: timed out after ${SCENARIO_TIMEOUT}s"
     ROWS+=("| $name | timed out after ${SCENARIO_TIMEOUT}s |")
@@ -310,7 +312,7 @@ for s in "${SCENARIOS[@]}"; do
     echo '```'
     echo
     echo '```'
-    grep -v '^ROW |' "$OUT_DIR/$name.log" || true
+    grep -v -e '^ROW |' -e '^GENERATOR_CPU |' "$OUT_DIR/$name.log" || true
     echo '```'
     echo
   } >>"$REPORT"
@@ -330,10 +332,10 @@ done
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
   ((${#ROWS[@]} == 0)) || printf '%s\n' "${ROWS[@]}"
   echo
-  echo "Broker CPU seconds used during each scenario (both runs; each cluster is idle while the other is measured) and resident memory after it, summed over 3 nodes; the machine's 1-minute load average before the scenario:"
+  echo "Broker CPU seconds used during each scenario (both runs; each cluster is idle while the other is measured), the load generator's CPU seconds in each run (it shares the cores), and resident memory after it, summed over 3 nodes; the machine's 1-minute load average before the scenario:"
   echo
-  echo "| scenario | Herald CPU s | NATS CPU s | Herald RSS MiB | NATS RSS MiB | load before |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+  echo "| scenario | Herald CPU s | NATS CPU s | generator CPU s (Herald run) | generator CPU s (NATS run) | Herald RSS MiB | NATS RSS MiB | load before |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   ((${#CPU_ROWS[@]} == 0)) || printf '%s\n' "${CPU_ROWS[@]}"
 } | tee -a "$REPORT"
 log "report: $REPORT"

@@ -1,4 +1,5 @@
-//! A clock shared by every process on the machine.
+//! Clocks: one shared by every process on the machine, and the load
+//! generator's own CPU time.
 //!
 //! Latency is measured across processes (the publisher runs in the parent,
 //! subscribers in child processes), so timestamps come from
@@ -15,4 +16,22 @@ pub fn now_ns() -> u64 {
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     debug_assert_eq!(rc, 0);
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU seconds (user and system) this process and its waited-for children
+/// have used: the load generator's share of a machine it shares with the
+/// brokers. Subscriber child processes count once they have exited.
+pub fn generator_cpu_secs() -> f64 {
+    let used = |who: libc::c_int| {
+        // SAFETY: an all-zero rusage is valid, and getrusage only writes it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `usage` is a valid, writable rusage; `who` is one of the
+        // two constants below.
+        if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+            return 0.0;
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(usage.ru_utime) + secs(usage.ru_stime)
+    };
+    used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
 }

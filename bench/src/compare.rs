@@ -4,8 +4,9 @@
 //! The scenario's own `--target` and `--url` are replaced by `herald` with
 //! the `--herald-url`s and `nats` with the `--nats-url`s; everything else
 //! (subscribers, messages, rate, payload) is the same for both. Each run
-//! prints its usual summary; then a table of both and the ratios, and a
-//! `ROW |...|` line (a Markdown table row) that scripts collect.
+//! prints its usual summary; then a table of both and the ratios, a
+//! `ROW |...|` line (a Markdown table row) and a `GENERATOR_CPU |...|` line
+//! (this process's CPU seconds in each run) that scripts collect.
 //!
 //! Ratios are Herald divided by NATS: above 1 for throughput means Herald
 //! delivered more per second; above 1 for latency means Herald was slower.
@@ -16,6 +17,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+use crate::clock;
 use crate::fanout::{self, FanoutArgs};
 use crate::session::Target;
 use crate::stats::fmt_ns;
@@ -75,6 +77,9 @@ pub struct Figures {
     pub out_of_order: u64,
     pub disconnected: u64,
     pub publish_errors: u64,
+    /// CPU seconds the load generator used for the run (connecting,
+    /// publishing, receiving, checking), on the brokers' machine.
+    pub generator_cpu_secs: f64,
 }
 
 /// Herald divided by NATS.
@@ -116,8 +121,13 @@ pub async fn run(args: CompareArgs) -> Result<()> {
             Target::Nats => args.nats_urls.clone(),
         };
         eprintln!("--- {label}: {target:?} ---");
+        let cpu_before = clock::generator_cpu_secs();
         let figures = run_one(&args.scenario, target, urls)
             .await
+            .map(|figures| Figures {
+                generator_cpu_secs: clock::generator_cpu_secs() - cpu_before,
+                ..figures
+            })
             .map_err(|e| format!("{e:#}"));
         if let Err(e) = &figures {
             eprintln!("{label}: {target:?} run failed: {e}");
@@ -172,6 +182,7 @@ async fn run_one(scenario: &Scenario, target: Target, urls: Vec<String>) -> Resu
                 out_of_order: t.out_of_order,
                 disconnected: t.disconnected,
                 publish_errors: s.publish.server_errors,
+                generator_cpu_secs: 0.0,
             })
         }
         Scenario::Topics(args) => {
@@ -195,6 +206,7 @@ async fn run_one(scenario: &Scenario, target: Target, urls: Vec<String>) -> Resu
                 out_of_order: t.out_of_order,
                 disconnected: t.disconnected,
                 publish_errors: s.publish.server_errors,
+                generator_cpu_secs: 0.0,
             })
         }
     }
@@ -261,6 +273,12 @@ fn print_comparison(c: &Comparison) {
     );
     println!(
         "{:<16} {:>16} {:>16}",
+        "generator CPU s",
+        cell(&c.herald, &|f| format!("{:.2}", f.generator_cpu_secs)),
+        cell(&c.nats, &|f| format!("{:.2}", f.generator_cpu_secs))
+    );
+    println!(
+        "{:<16} {:>16} {:>16}",
         "received",
         cell(&c.herald, &|f| format!("{}/{}", f.received, f.expected)),
         cell(&c.nats, &|f| format!("{}/{}", f.received, f.expected))
@@ -286,5 +304,11 @@ fn print_comparison(c: &Comparison) {
         fmt_ratio(r.and_then(|r| r.p99)),
         cell(&c.herald, &integrity),
         cell(&c.nats, &integrity),
+    );
+    // The load generator's CPU seconds, for the scripts' CPU table.
+    println!(
+        "GENERATOR_CPU | {} | {} |",
+        cell(&c.herald, &|f| format!("{:.2}", f.generator_cpu_secs)),
+        cell(&c.nats, &|f| format!("{:.2}", f.generator_cpu_secs)),
     );
 }
