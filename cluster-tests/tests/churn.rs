@@ -12,8 +12,12 @@
 //! order. Afterwards every node's sessions, subscriptions, routing tables
 //! (`herald_table_entries{table}`) and runtime tasks
 //! (`herald_runtime_alive_tasks`) must come back to where they started.
+//!
+//! And when a node dies and comes back, topics move away from it and back:
+//! the owners then hold exactly one interest entry per node and topic with
+//! subscribers, none left behind by an owner that held the topic meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -340,4 +344,100 @@ async fn settled(node: &Node, check: impl Fn(&Metrics) -> bool) -> Result<Metric
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The `interest` entries of every live node together.
+async fn cluster_interest(cluster: &Cluster) -> Result<f64> {
+    let mut sum = 0.0;
+    for node in cluster.live() {
+        sum += node
+            .metrics()
+            .await?
+            .labeled("herald_table_entries", "table", "interest");
+    }
+    Ok(sum)
+}
+
+/// Waits until the cluster's `interest` entries are exactly `want`.
+async fn wait_interest(cluster: &Cluster, want: f64, what: &str) -> Result<()> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let sum = cluster_interest(cluster).await?;
+        if sum == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: the cluster's interest entries are {sum}, not {want}, after {SETTLE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A session on `node` subscribed to every topic of `topics`.
+async fn subscribed_to(node: &Node, topics: &[String]) -> Result<WsClient> {
+    let mut ws = node.ws().await?;
+    for topic in topics {
+        ws.sub(topic).await?;
+    }
+    Ok(ws)
+}
+
+#[tokio::test]
+async fn after_a_node_dies_and_returns_owners_hold_exactly_the_live_interest() -> Result<()> {
+    let mut cluster = Cluster::start(3, |b| b).await?;
+    // Topics owned all over the ring; one (node, topic) entry on the
+    // topic's owner for each node with a subscriber.
+    let topics: Vec<String> = (0..30).map(|k| format!("{k}.tables")).collect();
+    let per_node = topics.len() as f64;
+    let mut sessions = Vec::new();
+    for node in cluster.live() {
+        sessions.push(subscribed_to(node, &topics).await?);
+    }
+    wait_interest(&cluster, 3.0 * per_node, "three nodes subscribed").await?;
+
+    // kill -9 n3: its sessions die with it; the survivors forget its
+    // interest and take over its topics with their own.
+    drop(sessions.pop());
+    cluster.kill9(2).await?;
+    cluster
+        .wait_ring(&[0, 1], &["n1", "n2"], Duration::from_secs(15))
+        .await?;
+    wait_interest(&cluster, 2.0 * per_node, "n3 dead").await?;
+
+    // n3 back, with a subscriber again: its topics move back to it, and the
+    // survivors that owned them meanwhile let go of their interest.
+    cluster.restart(2).await?;
+    cluster.wait_converged(Duration::from_secs(30)).await?;
+    sessions.push(subscribed_to(&cluster.nodes[2], &topics).await?);
+    wait_interest(&cluster, 3.0 * per_node, "n3 back and subscribed").await?;
+
+    // Every subscriber still gets every topic's messages.
+    let mut publisher = cluster.nodes[2].ws().await?;
+    for topic in &topics {
+        publisher.publish(topic, json!(topic)).await?;
+    }
+    // Topics have their own owners, so their messages may come in any order.
+    let want: BTreeSet<String> = topics.iter().cloned().collect();
+    for ws in &mut sessions {
+        let mut got = BTreeSet::new();
+        for _ in &topics {
+            let msg = ws.recv().await?;
+            ensure!(msg["op"] == "msg" && msg["data"] == msg["topic"], "{msg}");
+            got.insert(msg["topic"].as_str().unwrap_or_default().to_owned());
+        }
+        ensure!(got == want, "got messages on {got:?}");
+    }
+    publisher.close().await?;
+    for ws in sessions {
+        ws.close().await?;
+    }
+    wait_interest(&cluster, 0.0, "every session closed").await?;
+    for node in cluster.live() {
+        settled(node, |m| {
+            tables_empty(m) && m.sum("herald_subscriptions") == 0.0
+        })
+        .await
+        .with_context(|| node.id().to_owned())?;
+    }
+    Ok(())
 }
