@@ -193,6 +193,28 @@ mod tests {
         assert!(matches!(results[1], Ok(Request::Pub { id: Some(2), .. })));
     }
 
+    proptest::proptest! {
+        /// Any bytes, in either codec: decoding never panics, and every
+        /// error becomes an `err` that is valid JSON carrying its message
+        /// (the fuzz target `client_frame` checks this and more, at length).
+        #[test]
+        fn any_frame_decodes_to_answers_that_encode(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            msgpack in proptest::prelude::any::<bool>(),
+        ) {
+            let codec = if msgpack { Codec::Msgpack } else { Codec::Json };
+            for result in decode_frame(codec, &payload) {
+                if let Err(e) = result {
+                    let reply = Reply::Err { id: e.id, code: e.code, message: &e.message };
+                    let json = Codec::Json.encode_reply(&reply);
+                    let value: serde_json::Value =
+                        serde_json::from_slice(&json).expect("an err is JSON");
+                    proptest::prop_assert_eq!(value["message"].as_str(), Some(e.message.as_str()));
+                }
+            }
+        }
+    }
+
     #[test]
     fn malformed_frames_are_one_error() {
         for frame in [&b"{"[..], b"[1,", b"", b"\xff"] {
