@@ -26,11 +26,11 @@ use serde_json::{json, Value};
 
 /// Rounds of churn: bounded, and enough that a leak of one task or table
 /// entry per session stands far above the slack below.
-const ROUNDS: u64 = 8;
+const ROUNDS: u64 = 25;
 /// Runtime tasks a node may hold above its idle count when the churn is
 /// over (timers and connections of the scrape itself come and go). Each
-/// round starts 5 sessions per node, so a leak of one task per session is
-/// 40 per node.
+/// round opens 4 sessions on each node, so a leak of one task per session is
+/// 100 per node.
 const TASK_SLACK: f64 = 8.0;
 /// How long the nodes may take to let go of everything (tables are
 /// refreshed on `/metrics` every second).
