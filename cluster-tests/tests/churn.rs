@@ -13,6 +13,9 @@
 //! (`herald_table_entries{table}`) and runtime tasks
 //! (`herald_runtime_alive_tasks`) must come back to where they started.
 //!
+//! A session its node closes as a slow consumer (4001) leaves nothing
+//! behind either.
+//!
 //! And when a node dies and comes back, topics move away from it and back:
 //! the owners then hold exactly one interest entry per node and topic with
 //! subscribers, none left behind by an owner that held the topic meanwhile.
@@ -442,6 +445,59 @@ async fn after_a_node_dies_and_returns_owners_hold_exactly_the_live_interest() -
         settled(node, |m| {
             tables_empty(m)
                 && m.sum("herald_subscriptions") == 0.0
+                && m.sum("herald_runtime_alive_tasks") <= *idle
+        })
+        .await
+        .with_context(|| format!("{} (idle: {idle} tasks)", node.id()))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_consumer_closed_by_its_node_leaves_nothing_behind() -> Result<()> {
+    let cluster = Cluster::start(3, |b| b.flag("--client-outbound-queue", "16")).await?;
+    let nodes: Vec<&Node> = cluster.live().collect();
+    let mut idle_tasks = Vec::new();
+    for node in &nodes {
+        idle_tasks.push(tasks(&node.metrics().await?)?);
+    }
+    // A session on n3 that never reads, on topics whose owners are all
+    // over the ring, flooded from n2.
+    let topics: Vec<String> = (0..6).map(|k| format!("{k}.slow")).collect();
+    let mut slow = nodes[2].ws_connect().recv_buffer(4096).connect().await?;
+    for topic in &topics {
+        slow.sub(topic).await?;
+    }
+    // Counted first, so that the zeros awaited at the end are a later count.
+    settled(nodes[2], |m| {
+        m.labeled("herald_table_entries", "table", "local") == topics.len() as f64
+    })
+    .await?;
+    let mut publisher = nodes[1].ws().await?;
+    let data = json!("z".repeat(2048));
+    let started = Instant::now();
+    loop {
+        for topic in topics.iter().cycle().take(60) {
+            publisher
+                .feed_json(json!({"op": "pub", "topic": topic, "data": data}))
+                .await?;
+        }
+        publisher.flush().await?;
+        publisher.assert_alive().await?;
+        if nodes[2].metrics().await?.sum("herald_slow_consumers_total") >= 1.0 {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the session that never reads was not closed as a slow consumer"
+        );
+    }
+    slow.expect_close(4001, Duration::from_secs(10)).await?;
+    publisher.close().await?;
+    for (node, idle) in nodes.iter().zip(&idle_tasks) {
+        settled(node, |m| {
+            tables_empty(m)
+                && m.sum("herald_connections") == 0.0
                 && m.sum("herald_runtime_alive_tasks") <= *idle
         })
         .await
