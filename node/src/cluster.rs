@@ -161,7 +161,8 @@ impl Coordinator {
         delivered.is_ok()
     }
 
-    /// Connect to every live member (the transport dials and re-dials).
+    /// Connect to every live member (the transport dials and re-dials), and
+    /// hold client publishes back while another member's links are.
     fn members_changed(&mut self) {
         let members = self.setup.members.borrow().clone();
         let peers = members
@@ -176,6 +177,15 @@ impl Coordinator {
             })
             .collect();
         self.setup.transport.set_peers(peers);
+        let congested = members
+            .iter()
+            .filter(|m| !m.is_self && m.state != MemberState::Dead && m.congested)
+            .count();
+        self.setup
+            .transport
+            .backlog()
+            .set_remote_congested(congested);
+        METRICS.members_congested.set(congested as i64);
         let count = |state| members.iter().filter(|m| m.state == state).count() as i64;
         METRICS.members_joining.set(count(MemberState::Joining));
         METRICS.members_ready.set(count(MemberState::Ready));
@@ -313,6 +323,7 @@ mod tests {
             cluster_socket: Some("127.0.0.1:9".parse().expect("addr")),
             gossip_addr: "127.0.0.1:9".parse().expect("addr"),
             connections: 0,
+            congested: false,
             is_self: node == me,
         }
     }

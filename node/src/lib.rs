@@ -179,6 +179,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
                 members,
                 state,
                 admission.clone(),
+                peers.transport.clone(),
                 lifecycle.watch(),
             ));
             (Some(view), Some((gossip, peers.transport)))
@@ -292,15 +293,24 @@ fn start_transport(config: &Config, node: &NodeId, generation: u64) -> Result<Pe
     })
 }
 
+/// How often a node looks whether its links are backed up, to gossip it.
+/// A change goes out with the next gossip round.
+const CONGESTION_CHECK: Duration = Duration::from_millis(20);
+
 /// Keeps what this node gossips about itself current: its state (from the
-/// coordinator) and its load; leaves the cluster when the node closes.
+/// coordinator), its load, and whether its links are backed up; leaves the
+/// cluster when the node closes.
 async fn gossip_self(
     membership: Membership,
     mut state: watch::Receiver<MemberState>,
     admission: Arc<Admission>,
+    transport: transport::SharedTransport,
     mut phase: watch::Receiver<Phase>,
 ) {
     let mut load = tokio::time::interval(Duration::from_secs(1));
+    let mut congestion = tokio::time::interval(CONGESTION_CHECK);
+    congestion.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gossiped_congested = false;
     loop {
         tokio::select! {
             changed = phase.changed() => {
@@ -317,6 +327,13 @@ async fn gossip_self(
             }
             _ = load.tick() => {
                 membership.set_connections(admission.active() as u64).await;
+            }
+            _ = congestion.tick() => {
+                let congested = transport.backlog().links_congested();
+                if congested != gossiped_congested {
+                    membership.set_congested(congested).await;
+                    gossiped_congested = congested;
+                }
             }
         }
     }

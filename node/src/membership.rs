@@ -2,8 +2,8 @@
 //!
 //! Each node gossips a handful of small key-values about itself over UDP
 //! with chitchat (scuttlebutt anti-entropy plus a failure detector):
-//! `client`, `admin` and `cluster` addresses, its `state` and its client
-//! `conns` count. [`Membership::watch`] turns chitchat's view into a sorted,
+//! `client`, `admin` and `cluster` addresses, its `state`, its client
+//! `conns` count, and whether a link of its is `congested`. [`Membership::watch`] turns chitchat's view into a sorted,
 //! deduplicated list of [`Member`]s and republishes it whenever anything a
 //! caller can see changes (liveness, state, addresses, load). Only nodes with
 //! the same `cluster.name` ever exchange state (chitchat's `cluster_id`).
@@ -40,6 +40,7 @@ const KEY_ADMIN: &str = "admin";
 const KEY_CLUSTER: &str = "cluster";
 const KEY_STATE: &str = "state";
 const KEY_CONNS: &str = "conns";
+const KEY_CONGESTED: &str = "congested";
 
 /// A resolved cluster address is looked up again this often, so a member
 /// whose name moves to another IP (a container restarted) is followed.
@@ -117,6 +118,8 @@ pub struct Member {
     pub gossip_addr: SocketAddr,
     /// Client connections, as the member last gossiped them.
     pub connections: u64,
+    /// The member gossips a link of its as backed up.
+    pub congested: bool,
     pub is_self: bool,
 }
 
@@ -298,6 +301,12 @@ impl Membership {
         self.set(KEY_CONNS, &connections.to_string()).await;
     }
 
+    /// Gossips whether a link of this node is backed up.
+    pub async fn set_congested(&self, congested: bool) {
+        self.set(KEY_CONGESTED, if congested { "1" } else { "0" })
+            .await;
+    }
+
     async fn set(&self, key: &str, value: &str) {
         // chitchat ignores a set to the value already held, so unchanged
         // values cost nothing on the wire.
@@ -475,6 +484,7 @@ struct Seen {
     cluster: Option<String>,
     state: Option<String>,
     conns: Option<String>,
+    congested: Option<String>,
 }
 
 fn snapshot(chitchat: &Chitchat) -> Vec<Seen> {
@@ -492,6 +502,7 @@ fn snapshot(chitchat: &Chitchat) -> Vec<Seen> {
                 cluster: get(KEY_CLUSTER),
                 state: get(KEY_STATE),
                 conns: get(KEY_CONNS),
+                congested: get(KEY_CONGESTED),
             }
         })
         .collect()
@@ -634,6 +645,7 @@ impl Tracker {
                 cluster_addr,
                 gossip_addr: s.id.gossip_advertise_addr,
                 connections: s.conns.and_then(|c| c.parse().ok()).unwrap_or(0),
+                congested: s.congested.as_deref() == Some("1"),
                 is_self,
             };
             match by_node.get(&member.node) {

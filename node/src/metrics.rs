@@ -157,6 +157,8 @@ pub struct Metrics {
     pub members_joining: Gauge,
     pub members_draining: Gauge,
     pub members_dead: Gauge,
+    /// Other members gossiping backed-up links (client publishes wait).
+    pub members_congested: Gauge,
     pub scheduling_lag_micros: Gauge,
     pub delivery_latency: Histogram,
     /// Entries of the shards' tables, by [`Table`]; each shard refreshes
@@ -226,6 +228,7 @@ impl Metrics {
             members_joining: Gauge::new(),
             members_draining: Gauge::new(),
             members_dead: Gauge::new(),
+            members_congested: Gauge::new(),
             scheduling_lag_micros: Gauge::new(),
             delivery_latency: Histogram::new(),
             table_entries: [const { Gauge::new() }; 3],
@@ -441,6 +444,12 @@ impl Metrics {
                 gauge.get()
             );
         }
+        gauge(
+            &mut out,
+            "herald_cluster_members_congested",
+            "Other members whose links to their peers are backed up; while any is, client publishes here wait.",
+            self.members_congested.get(),
+        );
         self.delivery_latency.render(
             &mut out,
             "herald_publish_to_deliver_seconds",

@@ -124,6 +124,11 @@ pub trait Transport: Send + Sync + 'static {
 pub struct Backlog {
     /// Links past their high-water mark.
     congested: AtomicUsize,
+    /// Other members that gossip links of theirs past the mark: their
+    /// queues hold frames this node's publishers may have caused (a topic's
+    /// owner forwards what other nodes' clients publish), so this node's
+    /// publishers wait for them too.
+    remote: AtomicUsize,
     /// A wait timed out since the last time no link was backed up: a peer
     /// that stopped reading (and is not yet found dead) must cost ingress
     /// one timeout, not one per publish.
@@ -157,6 +162,7 @@ impl Backlog {
     pub fn new(queue_frames: usize) -> Backlog {
         Backlog {
             congested: AtomicUsize::new(0),
+            remote: AtomicUsize::new(0),
             stalled: AtomicBool::new(false),
             relieved: Notify::new(),
             admissions: Arc::new(Semaphore::new((queue_frames / 2).max(1))),
@@ -173,8 +179,28 @@ impl Backlog {
         (waited, Admission { _place: place })
     }
 
+    /// A link of this node or of another member is backed up: client
+    /// publishes wait.
     pub fn is_congested(&self) -> bool {
+        self.links_congested() || self.remote.load(Ordering::Acquire) > 0
+    }
+
+    /// A link of this node is backed up: what it gossips to the others
+    /// (never what it heard from them, or two nodes would keep each other
+    /// congested).
+    pub fn links_congested(&self) -> bool {
         self.congested.load(Ordering::Acquire) > 0
+    }
+
+    /// How many other members gossip backed-up links.
+    pub fn set_remote_congested(&self, members: usize) {
+        let before = self.remote.swap(members, Ordering::AcqRel);
+        if members == 0 && before > 0 {
+            if !self.links_congested() {
+                self.stalled.store(false, Ordering::Release);
+            }
+            self.relieved.notify_waiters();
+        }
     }
 
     /// Waits, for at most `limit`, until no link is backed up. Once a wait
@@ -247,7 +273,9 @@ impl LinkBacklog {
         // A load first: the writer calls this after every batch, and the
         // link is almost never backed up.
         if self.congested.load(Ordering::Acquire) && self.congested.swap(false, Ordering::AcqRel) {
-            if self.backlog.congested.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if self.backlog.congested.fetch_sub(1, Ordering::AcqRel) == 1
+                && self.backlog.remote.load(Ordering::Acquire) == 0
+            {
                 self.backlog.stalled.store(false, Ordering::Release);
             }
             self.backlog.relieved.notify_waiters();
@@ -389,5 +417,48 @@ mod tests {
             Waited::Relieved
         );
         drainer.await.expect("drainer");
+    }
+
+    #[tokio::test]
+    async fn another_members_backed_up_links_hold_publishes_but_are_not_gossiped_on() {
+        let backlog = Arc::new(Backlog::new(64));
+        backlog.set_remote_congested(1);
+        assert!(backlog.is_congested());
+        assert!(
+            !backlog.links_congested(),
+            "only this node's links are gossiped"
+        );
+        let clearer = {
+            let backlog = backlog.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                backlog.set_remote_congested(0);
+            })
+        };
+        assert_eq!(
+            backlog.wait_clear(Duration::from_secs(5)).await,
+            Waited::Relieved
+        );
+        clearer.await.expect("clearer");
+        // A timed-out wait stalls until both this node's links and the
+        // other members' have drained.
+        let link = LinkBacklog::new(backlog.clone(), 64);
+        link.queued(64);
+        backlog.set_remote_congested(2);
+        assert_eq!(
+            backlog.wait_clear(Duration::from_millis(20)).await,
+            Waited::TimedOut
+        );
+        link.drained(0);
+        assert_eq!(
+            backlog.wait_clear(Duration::from_secs(10)).await,
+            Waited::TimedOut,
+            "still stalled: the others are backed up"
+        );
+        backlog.set_remote_congested(0);
+        assert_eq!(
+            backlog.wait_clear(Duration::from_secs(5)).await,
+            Waited::Clear
+        );
     }
 }
