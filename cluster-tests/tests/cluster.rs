@@ -1306,6 +1306,83 @@ async fn flood(
     Ok(sent)
 }
 
+/// A topic's owner forwards other nodes' publishes: when its link to a
+/// subscriber's node backs up, it gossips that, and the publishers' node
+/// holds them back as it does for its own links. Here n1 floods topics that
+/// n2 owns, for a subscriber on n3, and n3 stops reading for a while
+/// (SIGSTOP): n1's own links stay clear, so only n2's word can slow n1. No
+/// node drops a frame, and every message arrives in order.
+#[tokio::test]
+async fn an_owner_whose_link_backs_up_slows_the_publishers_of_other_nodes() -> Result<()> {
+    const MESSAGES: usize = 8000;
+    let cluster = Cluster::start(3, |b| {
+        b.flag("--cluster-peer-queue-frames", "2048")
+            .flag("--gossip-interval", "20ms")
+            // The stopped node must not be taken for dead meanwhile.
+            .flag("--gossip-phi-threshold", "1000")
+            .flag("--cluster-idle-timeout", "15s")
+            .flag("--cluster-request-timeout", "15s")
+            // The test's subscriber reads the backlog at its own pace.
+            .flag("--client-outbound-queue", "100000")
+    })
+    .await?;
+    // Topics n2 owns: an exact subscription makes its owner hold the topic
+    // (`herald_topics`), and nobody else.
+    let mut sub = Subscriber::connect(&cluster.nodes[2], "sub").await?;
+    let mut owned_by_n2 = Vec::new();
+    let mut held = [0.0; 3];
+    for topic in topics("congest", 60) {
+        sub.sub_all(std::slice::from_ref(&topic)).await?;
+        let mut now = [0.0; 3];
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            now[i] = node.metrics().await?.sum("herald_topics");
+        }
+        if now[1] > held[1] {
+            owned_by_n2.push(topic);
+        }
+        held = now;
+        if owned_by_n2.len() == 10 {
+            break;
+        }
+    }
+    ensure!(owned_by_n2.len() == 10, "n2 owns only {owned_by_n2:?}");
+    // A long tag makes each frame about 1 KiB, so that the stopped node's
+    // QUIC receive window takes fewer of them.
+    let tag = format!("p{}", "x".repeat(1000));
+    let mut ws = cluster.nodes[0].ws().await?;
+    let publisher = {
+        let topics = owned_by_n2.clone();
+        tokio::spawn(async move { flood(&mut ws, &tag, &topics, MESSAGES).await })
+    };
+    cluster.nodes[2].freeze().await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.nodes[2].signal(libc::SIGCONT)?;
+    let want: BTreeSet<String> = publisher
+        .await
+        .context("publisher task")??
+        .into_iter()
+        .collect();
+    let waited = sub.wait_for(&want, Duration::from_secs(60)).await;
+    let mut counts = Vec::new();
+    let mut dropped = 0.0;
+    for node in &cluster.nodes {
+        let m = node.metrics().await?;
+        dropped += m.sum("herald_peer_frames_dropped_total");
+        counts.push(format!(
+            "{}: dropped {} backlog waits {} timeouts {}",
+            node.id(),
+            m.sum("herald_peer_frames_dropped_total"),
+            m.sum("herald_publish_backlog_waits_total"),
+            m.sum("herald_publish_backlog_timeouts_total")
+        ));
+    }
+    let counts = counts.join("; ");
+    waited.with_context(|| counts.clone())?;
+    ensure!(dropped == 0.0, "frames were dropped: {counts}");
+    sub.check_order(false)?;
+    Ok(())
+}
+
 /// Publishers faster than the links between nodes (unacknowledged
 /// publishes, as fast as their sockets take them) are slowed, not dropped:
 /// with small peer queues every message reaches a subscriber on another
