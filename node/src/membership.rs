@@ -3,9 +3,10 @@
 //! Each node gossips a handful of small key-values about itself over UDP
 //! with chitchat (scuttlebutt anti-entropy plus a failure detector):
 //! `client`, `admin` and `cluster` addresses, its `state`, its client
-//! `conns` count, and whether a link of its is `congested`. [`Membership::watch`] turns chitchat's view into a sorted,
-//! deduplicated list of [`Member`]s and republishes it whenever anything a
-//! caller can see changes (liveness, state, addresses, load). Only nodes with
+//! `conns` count, and whether a link of its is `congested`.
+//! [`Membership::watch`] turns chitchat's view into a sorted, deduplicated
+//! list of [`Member`]s and republishes it whenever anything a caller can see
+//! changes (liveness, state, addresses, load, congestion). Only nodes with
 //! the same `cluster.name` ever exchange state (chitchat's `cluster_id`).
 //!
 //! Gossip is unauthenticated: it decides who is listed, not who is trusted.
