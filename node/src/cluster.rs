@@ -307,6 +307,7 @@ mod tests {
     struct TestNode {
         id: NodeId,
         router: Router,
+        transport: SharedTransport,
         view: watch::Receiver<Arc<ClusterView>>,
         members: watch::Sender<Arc<Vec<Member>>>,
         _lifecycle: Lifecycle,
@@ -351,7 +352,7 @@ mod tests {
             has_seeds: true,
             join_timeout: Duration::from_secs(30),
             router: router.clone(),
-            transport,
+            transport: transport.clone(),
             inbound: inbound_rx,
             members: members_rx,
             lifecycle: lifecycle.clone(),
@@ -359,6 +360,7 @@ mod tests {
         TestNode {
             id: me.into(),
             router,
+            transport,
             view,
             members: members_tx,
             _lifecycle: lifecycle,
@@ -625,6 +627,42 @@ mod tests {
         // And b's messages on the topic no longer come to a.
         publish(&nodes[1], &topic, "1").await.expect("acked");
         client.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn publishes_wait_while_another_member_gossips_backed_up_links() {
+        let (_net, nodes) = cluster(&["a", "b"]).await;
+        let backlog = || nodes[0].transport.backlog();
+        let gossip_b_congested = |congested: bool| {
+            nodes[0].members.send_modify(|members| {
+                let mut list = members.as_ref().clone();
+                for m in list.iter_mut().filter(|m| &*m.node == "b") {
+                    m.congested = congested;
+                }
+                *members = Arc::new(list);
+            })
+        };
+        gossip_b_congested(true);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !backlog().is_congested() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "b's word never held a back"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // a's own links are clear: a does not pass b's word on.
+        assert!(!backlog().links_congested());
+        let waiting = backlog().wait_clear(WAIT);
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err(),
+            "a publish on a went ahead while b was backed up"
+        );
+        gossip_b_congested(false);
+        assert_eq!(waiting.await, crate::transport::Waited::Relieved);
     }
 
     #[tokio::test]
