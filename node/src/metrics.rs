@@ -268,56 +268,38 @@ impl Metrics {
             "Open client sessions.",
             self.connections.get(),
         );
-        header(
+        family(
             &mut out,
-            "herald_connections_by_codec",
-            "gauge",
+            ("herald_connections_by_codec", "gauge"),
             "Open client sessions by codec.",
+            "codec",
+            Codec::ALL.map(|codec| (codec.name(), self.codec_connections(codec).get())),
         );
-        for codec in Codec::ALL {
-            let _ = writeln!(
-                out,
-                "herald_connections_by_codec{{codec=\"{}\"}} {}",
-                codec.name(),
-                self.codec_connections(codec).get()
-            );
-        }
         counter(
             &mut out,
             "herald_connects_total",
             "Client sessions opened.",
             self.connects.get(),
         );
-        header(
+        family(
             &mut out,
-            "herald_disconnects_total",
-            "counter",
+            ("herald_disconnects_total", "counter"),
             "Client sessions ended, by close code (0: no close frame).",
+            "code",
+            all_close_codes().zip(self.disconnects.iter().map(Counter::get)),
         );
-        for (code, counter) in all_close_codes().zip(&self.disconnects) {
-            let _ = writeln!(
-                out,
-                "herald_disconnects_total{{code=\"{code}\"}} {}",
-                counter.get()
-            );
-        }
-        header(
+        family(
             &mut out,
-            "herald_admission_rejections_total",
-            "counter",
+            ("herald_admission_rejections_total", "counter"),
             "Connections refused, by reason.",
+            "reason",
+            [
+                ("connection_limit", Rejection::ConnectionLimit),
+                ("admission_rate", Rejection::AdmissionRate),
+                ("draining", Rejection::Draining),
+            ]
+            .map(|(reason, why)| (reason, self.rejections(why))),
         );
-        for (reason, why) in [
-            ("connection_limit", Rejection::ConnectionLimit),
-            ("admission_rate", Rejection::AdmissionRate),
-            ("draining", Rejection::Draining),
-        ] {
-            let _ = writeln!(
-                out,
-                "herald_admission_rejections_total{{reason=\"{reason}\"}} {}",
-                self.rejections(why)
-            );
-        }
         counter(
             &mut out,
             "herald_messages_in_total",
@@ -426,24 +408,19 @@ impl Metrics {
             "Times the placement ring was recomputed with other members.",
             self.ring_changes.get(),
         );
-        header(
+        family(
             &mut out,
-            "herald_cluster_members",
-            "gauge",
+            ("herald_cluster_members", "gauge"),
             "Known cluster members by state.",
+            "state",
+            [
+                ("joining", &self.members_joining),
+                ("ready", &self.members_ready),
+                ("draining", &self.members_draining),
+                ("dead", &self.members_dead),
+            ]
+            .map(|(state, gauge)| (state, gauge.get())),
         );
-        for (state, gauge) in [
-            ("joining", &self.members_joining),
-            ("ready", &self.members_ready),
-            ("draining", &self.members_draining),
-            ("dead", &self.members_dead),
-        ] {
-            let _ = writeln!(
-                out,
-                "herald_cluster_members{{state=\"{state}\"}} {}",
-                gauge.get()
-            );
-        }
         gauge(
             &mut out,
             "herald_cluster_members_congested",
@@ -462,20 +439,13 @@ impl Metrics {
              herald_scheduling_lag_seconds {}",
             self.scheduling_lag_micros.get() as f64 / 1e6
         );
-        header(
+        family(
             &mut out,
-            "herald_table_entries",
-            "gauge",
+            ("herald_table_entries", "gauge"),
             "Entries of the routing tables, refreshed every second: interest (nodes with subscribers, held by this node's topic owners), local (this node's sessions per subscription), pending (requests waiting on another node).",
+            "table",
+            Table::ALL.map(|table| (table.label(), self.table_entries[table as usize].get())),
         );
-        for table in Table::ALL {
-            let _ = writeln!(
-                out,
-                "herald_table_entries{{table=\"{}\"}} {}",
-                table.label(),
-                self.table_entries[table as usize].get()
-            );
-        }
         out
     }
 }
@@ -503,6 +473,21 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
 fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
     header(out, name, "gauge", help);
     let _ = writeln!(out, "{name} {value}");
+}
+
+/// A family with one label: the header, then one sample per (label value,
+/// value).
+fn family<L: Display, V: Display>(
+    out: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) {
+    header(out, name, kind, help);
+    for (value_of_label, value) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value_of_label}\"}} {value}");
+    }
 }
 
 /// One peer's link statistics, kept by the peer transport across
