@@ -293,10 +293,6 @@ fn start_transport(config: &Config, node: &NodeId, generation: u64) -> Result<Pe
     })
 }
 
-/// How often a node looks whether its links are backed up, to gossip it.
-/// A change goes out with the next gossip round.
-const CONGESTION_CHECK: Duration = Duration::from_millis(20);
-
 /// Keeps what this node gossips about itself current: its state (from the
 /// coordinator), its load, and whether its links are backed up; leaves the
 /// cluster when the node closes.
@@ -308,8 +304,6 @@ async fn gossip_self(
     mut phase: watch::Receiver<Phase>,
 ) {
     let mut load = tokio::time::interval(Duration::from_secs(1));
-    let mut congestion = tokio::time::interval(CONGESTION_CHECK);
-    congestion.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gossiped_congested = false;
     loop {
         tokio::select! {
@@ -328,7 +322,8 @@ async fn gossip_self(
             _ = load.tick() => {
                 membership.set_connections(admission.active() as u64).await;
             }
-            _ = congestion.tick() => {
+            // Goes out with the next gossip round.
+            _ = transport.backlog().links_changed() => {
                 let congested = transport.backlog().links_congested();
                 if congested != gossiped_congested {
                     membership.set_congested(congested).await;

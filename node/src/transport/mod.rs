@@ -134,6 +134,9 @@ pub struct Backlog {
     /// one timeout, not one per publish.
     stalled: AtomicBool,
     relieved: Notify,
+    /// Whether any of this node's links is backed up changed: the node
+    /// gossips it.
+    links_changed: Notify,
     /// Places for admitted publishes not yet on the links.
     admissions: Arc<Semaphore>,
 }
@@ -165,6 +168,7 @@ impl Backlog {
             remote: AtomicUsize::new(0),
             stalled: AtomicBool::new(false),
             relieved: Notify::new(),
+            links_changed: Notify::new(),
             admissions: Arc::new(Semaphore::new((queue_frames / 2).max(1))),
         }
     }
@@ -190,6 +194,12 @@ impl Backlog {
     /// congested).
     pub fn links_congested(&self) -> bool {
         self.congested.load(Ordering::Acquire) > 0
+    }
+
+    /// Returns once [`Backlog::links_congested`] may have changed since the
+    /// last call (one waiter: the node's gossip).
+    pub async fn links_changed(&self) {
+        self.links_changed.notified().await;
     }
 
     /// How many other members gossip backed-up links.
@@ -257,8 +267,11 @@ impl LinkBacklog {
 
     /// After a frame was queued: `queued` frames wait now.
     pub fn queued(&self, queued: usize) {
-        if queued >= self.high && !self.congested.swap(true, Ordering::AcqRel) {
-            self.backlog.congested.fetch_add(1, Ordering::AcqRel);
+        if queued >= self.high
+            && !self.congested.swap(true, Ordering::AcqRel)
+            && self.backlog.congested.fetch_add(1, Ordering::AcqRel) == 0
+        {
+            self.backlog.links_changed.notify_one();
         }
     }
 
@@ -273,10 +286,11 @@ impl LinkBacklog {
         // A load first: the writer calls this after every batch, and the
         // link is almost never backed up.
         if self.congested.load(Ordering::Acquire) && self.congested.swap(false, Ordering::AcqRel) {
-            if self.backlog.congested.fetch_sub(1, Ordering::AcqRel) == 1
-                && self.backlog.remote.load(Ordering::Acquire) == 0
-            {
-                self.backlog.stalled.store(false, Ordering::Release);
+            if self.backlog.congested.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.backlog.links_changed.notify_one();
+                if self.backlog.remote.load(Ordering::Acquire) == 0 {
+                    self.backlog.stalled.store(false, Ordering::Release);
+                }
             }
             self.backlog.relieved.notify_waiters();
         }
@@ -417,6 +431,19 @@ mod tests {
             Waited::Relieved
         );
         drainer.await.expect("drainer");
+    }
+
+    #[tokio::test]
+    async fn the_gossip_hears_when_the_links_back_up_and_when_they_clear() {
+        let backlog = Arc::new(Backlog::new(64));
+        let heard = || tokio::time::timeout(Duration::from_millis(50), backlog.links_changed());
+        let link = LinkBacklog::new(backlog.clone(), 64);
+        link.queued(16);
+        assert!(heard().await.is_ok() && backlog.links_congested());
+        link.queued(40);
+        assert!(heard().await.is_err(), "still backed up: nothing to tell");
+        link.drained(0);
+        assert!(heard().await.is_ok() && !backlog.links_congested());
     }
 
     #[tokio::test]
