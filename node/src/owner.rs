@@ -168,6 +168,11 @@ impl OwnedTopic {
         }
     }
 
+    /// (node, key) pairs of this topic's interest table.
+    fn interest_entries(&self) -> usize {
+        self.interest.values().map(|nodes| nodes.nodes.len()).sum()
+    }
+
     fn reach(&mut self, node: &NodeId) {
         if !self.reached.contains(node) {
             self.reached.push(node.clone());
@@ -524,16 +529,19 @@ impl TopicOwner {
     }
 
     /// Ages out history and forgets topics with no history and no interest
-    /// (their next message starts a new epoch).
-    pub fn sweep(&mut self, now: Instant) {
+    /// (their next message starts a new epoch). Returns
+    /// [`TopicOwner::interest_entries`] after it, counted on the way.
+    pub fn sweep(&mut self, now: Instant) -> usize {
         let age = self.limits.history_age;
         let before = self.topics.len();
         // One gauge update per sweep, not per topic.
         let (mut held, mut left) = (Retained::default(), Retained::default());
+        let mut interest = 0;
         self.topics.retain(|_, owned| {
             held += owned.history.retained();
             owned.history.expire(now, age);
             left += owned.history.retained();
+            interest += owned.interest_entries();
             !owned.history.is_empty() || !owned.interest.is_empty()
         });
         account(&mut self.retained, left - held);
@@ -541,6 +549,7 @@ impl TopicOwner {
         // Without publishes, this is what lets go of expired messages'
         // entries (and the topics they name).
         self.clean_order();
+        interest + self.wildcard_interest_entries()
     }
 
     pub fn topic_count(&self) -> usize {
@@ -549,18 +558,12 @@ impl TopicOwner {
 
     /// (node, key) interest pairs held, exact and wildcard.
     pub fn interest_entries(&self) -> usize {
-        let exact: usize = self
-            .topics
-            .values()
-            .flat_map(|owned| owned.interest.values())
-            .map(|nodes| nodes.nodes.len())
-            .sum();
-        exact
-            + self
-                .wildcards
-                .values()
-                .map(|n| n.nodes.len())
-                .sum::<usize>()
+        let exact: usize = self.topics.values().map(OwnedTopic::interest_entries).sum();
+        exact + self.wildcard_interest_entries()
+    }
+
+    fn wildcard_interest_entries(&self) -> usize {
+        self.wildcards.values().map(|n| n.nodes.len()).sum()
     }
 }
 
@@ -653,6 +656,7 @@ mod tests {
         o.add_interest(&n2, &key("c", Some("g")));
         o.add_interest(&n2, &key("c", Some("g")));
         assert_eq!(o.interest_entries(), 5, "a repeated add is one entry");
+        assert_eq!(o.sweep(Instant::now()), 5, "the sweep counts the same");
         o.remove_interest(&n1, &key("c", Some("g")));
         o.remove_interest(&n2, &key("c", Some("g")));
         assert_eq!(o.interest_entries(), 3);

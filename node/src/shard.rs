@@ -366,8 +366,8 @@ impl Shard {
                     }
                 }
                 _ = sweep.tick() => {
-                    self.owner.sweep(Instant::now());
-                    self.report_tables();
+                    let interest = self.owner.sweep(Instant::now());
+                    self.report_tables(interest);
                 }
                 _ = deadlines.tick() => self.expire(Instant::now()),
             }
@@ -416,11 +416,12 @@ impl Shard {
         }
     }
 
-    /// Brings this shard's part of `herald_table_entries` up to date:
-    /// counted once a second rather than kept on every change, which would
-    /// put bookkeeping on the publish path.
-    fn report_tables(&mut self) {
-        let now = self.table_entries();
+    /// Brings this shard's part of `herald_table_entries` up to date, with
+    /// the interest the sweep just counted: counted once a second rather
+    /// than kept on every change, which would put bookkeeping on the
+    /// publish path.
+    fn report_tables(&mut self, interest: usize) {
+        let now = self.table_entries_with(interest);
         for table in Table::ALL {
             let at = table as usize;
             let count = i64::try_from(now[at]).unwrap_or(i64::MAX);
@@ -431,8 +432,12 @@ impl Shard {
 
     /// What each [`Table`] holds now.
     fn table_entries(&self) -> [usize; 3] {
+        self.table_entries_with(self.owner.interest_entries())
+    }
+
+    fn table_entries_with(&self, interest: usize) -> [usize; 3] {
         let pending = self.publishes.len() + self.subscribes.len() + self.announces.len();
-        [self.owner.interest_entries(), self.local.entries(), pending]
+        [interest, self.local.entries(), pending]
     }
 
     fn is_self(&self, node: &str) -> bool {
