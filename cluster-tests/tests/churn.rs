@@ -49,15 +49,7 @@ async fn sessions_that_come_and_go_leave_nothing_behind() -> Result<()> {
     })
     .await?;
     let nodes: Vec<&Node> = cluster.live().collect();
-    // Idle: nothing held yet. Tasks are the baseline to come back to.
-    let mut idle_tasks = Vec::new();
-    for node in &nodes {
-        let m = settled(node, |m| {
-            tables_empty(m) && m.sum("herald_connections") == 0.0
-        })
-        .await?;
-        idle_tasks.push(tasks(&m)?);
-    }
+    let idle = idle_tasks(&nodes).await?;
 
     let mut steady = Vec::new();
     for node in &nodes {
@@ -110,16 +102,7 @@ async fn sessions_that_come_and_go_leave_nothing_behind() -> Result<()> {
     }
     steady_publisher.close().await?;
 
-    for (node, idle) in nodes.iter().zip(&idle_tasks) {
-        settled(node, |m| {
-            tables_empty(m)
-                && m.sum("herald_connections") == 0.0
-                && m.sum("herald_subscriptions") == 0.0
-                && m.sum("herald_runtime_alive_tasks") <= idle + TASK_SLACK
-        })
-        .await
-        .with_context(|| format!("{} (idle: {idle} tasks)", node.id()))?;
-    }
+    back_to_idle(&nodes, &idle, TASK_SLACK).await?;
 
     // And the cluster still delivers between every node.
     let mut late = nodes[2].ws().await?;
@@ -316,6 +299,36 @@ fn tables_empty(m: &Metrics) -> bool {
         .all(|table| m.labeled("herald_table_entries", "table", table) == 0.0)
 }
 
+/// Each node's runtime tasks once it is idle (no connection, no table
+/// entry): the count to come back to.
+async fn idle_tasks(nodes: &[&Node]) -> Result<Vec<f64>> {
+    let mut idle = Vec::new();
+    for node in nodes {
+        let m = settled(node, |m| {
+            tables_empty(m) && m.sum("herald_connections") == 0.0
+        })
+        .await?;
+        idle.push(tasks(&m)?);
+    }
+    Ok(idle)
+}
+
+/// Waits until every node holds no connection, subscription or table
+/// entry, and at most `slack` runtime tasks above its idle count.
+async fn back_to_idle(nodes: &[&Node], idle: &[f64], slack: f64) -> Result<()> {
+    for (node, idle) in nodes.iter().zip(idle) {
+        settled(node, |m| {
+            tables_empty(m)
+                && m.sum("herald_connections") == 0.0
+                && m.sum("herald_subscriptions") == 0.0
+                && m.sum("herald_runtime_alive_tasks") <= idle + slack
+        })
+        .await
+        .with_context(|| format!("{} (idle: {idle} tasks)", node.id()))?;
+    }
+    Ok(())
+}
+
 fn tasks(m: &Metrics) -> Result<f64> {
     ensure!(
         m.has("herald_runtime_alive_tasks"),
@@ -394,10 +407,7 @@ async fn after_a_node_dies_and_returns_owners_hold_exactly_the_live_interest() -
     let per_node = topics.len() as f64;
     // Runtime tasks at idle, which the peer links' tasks are part of: a
     // link torn down and made again must not leave any behind.
-    let mut idle_tasks = Vec::new();
-    for node in cluster.live() {
-        idle_tasks.push(tasks(&node.metrics().await?)?);
-    }
+    let idle = idle_tasks(&cluster.live().collect::<Vec<_>>()).await?;
     let mut sessions = Vec::new();
     for node in cluster.live() {
         sessions.push(subscribed_to(node, &topics).await?);
@@ -441,15 +451,7 @@ async fn after_a_node_dies_and_returns_owners_hold_exactly_the_live_interest() -
         ws.close().await?;
     }
     wait_interest(&cluster, 0.0, "every session closed").await?;
-    for (node, idle) in cluster.live().zip(&idle_tasks) {
-        settled(node, |m| {
-            tables_empty(m)
-                && m.sum("herald_subscriptions") == 0.0
-                && m.sum("herald_runtime_alive_tasks") <= *idle
-        })
-        .await
-        .with_context(|| format!("{} (idle: {idle} tasks)", node.id()))?;
-    }
+    back_to_idle(&cluster.live().collect::<Vec<_>>(), &idle, 0.0).await?;
     Ok(())
 }
 
@@ -457,10 +459,7 @@ async fn after_a_node_dies_and_returns_owners_hold_exactly_the_live_interest() -
 async fn a_slow_consumer_closed_by_its_node_leaves_nothing_behind() -> Result<()> {
     let cluster = Cluster::start(3, |b| b.flag("--client-outbound-queue", "16")).await?;
     let nodes: Vec<&Node> = cluster.live().collect();
-    let mut idle_tasks = Vec::new();
-    for node in &nodes {
-        idle_tasks.push(tasks(&node.metrics().await?)?);
-    }
+    let idle = idle_tasks(&nodes).await?;
     // A session on n3 that never reads, on topics whose owners are all
     // over the ring, flooded from n2.
     let topics: Vec<String> = (0..6).map(|k| format!("{k}.slow")).collect();
@@ -494,14 +493,6 @@ async fn a_slow_consumer_closed_by_its_node_leaves_nothing_behind() -> Result<()
     }
     slow.expect_close(4001, Duration::from_secs(10)).await?;
     publisher.close().await?;
-    for (node, idle) in nodes.iter().zip(&idle_tasks) {
-        settled(node, |m| {
-            tables_empty(m)
-                && m.sum("herald_connections") == 0.0
-                && m.sum("herald_runtime_alive_tasks") <= *idle
-        })
-        .await
-        .with_context(|| format!("{} (idle: {idle} tasks)", node.id()))?;
-    }
+    back_to_idle(&nodes, &idle, 0.0).await?;
     Ok(())
 }

@@ -1306,6 +1306,25 @@ async fn flood(
     Ok(sent)
 }
 
+/// Every node's dropped frames and backlog waits and timeouts, as one line;
+/// and the frames dropped in all.
+async fn backlog_counts(cluster: &Cluster) -> Result<(String, f64)> {
+    let mut counts = Vec::new();
+    let mut dropped = 0.0;
+    for node in &cluster.nodes {
+        let m = node.metrics().await?;
+        dropped += m.sum("herald_peer_frames_dropped_total");
+        counts.push(format!(
+            "{}: dropped {} backlog waits {} timeouts {}",
+            node.id(),
+            m.sum("herald_peer_frames_dropped_total"),
+            m.sum("herald_publish_backlog_waits_total"),
+            m.sum("herald_publish_backlog_timeouts_total")
+        ));
+    }
+    Ok((counts.join("; "), dropped))
+}
+
 /// A topic's owner forwards other nodes' publishes: when its link to a
 /// subscriber's node backs up, it gossips that, and the publishers' node
 /// holds them back as it does for its own links. Here n1 floods topics that
@@ -1363,20 +1382,7 @@ async fn an_owner_whose_link_backs_up_slows_the_publishers_of_other_nodes() -> R
         .into_iter()
         .collect();
     let waited = sub.wait_for(&want, Duration::from_secs(60)).await;
-    let mut counts = Vec::new();
-    let mut dropped = 0.0;
-    for node in &cluster.nodes {
-        let m = node.metrics().await?;
-        dropped += m.sum("herald_peer_frames_dropped_total");
-        counts.push(format!(
-            "{}: dropped {} backlog waits {} timeouts {}",
-            node.id(),
-            m.sum("herald_peer_frames_dropped_total"),
-            m.sum("herald_publish_backlog_waits_total"),
-            m.sum("herald_publish_backlog_timeouts_total")
-        ));
-    }
-    let counts = counts.join("; ");
+    let (counts, dropped) = backlog_counts(&cluster).await?;
     waited.with_context(|| counts.clone())?;
     ensure!(dropped == 0.0, "frames were dropped: {counts}");
     sub.check_order(false)?;
@@ -1407,18 +1413,7 @@ async fn publishers_faster_than_the_links_are_slowed_instead_of_dropped() -> Res
         want.extend(flood.await.context("publisher task")??);
     }
     if let Err(e) = sub.wait_for(&want, Duration::from_secs(30)).await {
-        let mut counts = Vec::new();
-        for node in &cluster.nodes {
-            let m = node.metrics().await?;
-            counts.push(format!(
-                "{}: dropped {} backlog waits {} timeouts {}",
-                node.id(),
-                m.sum("herald_peer_frames_dropped_total"),
-                m.sum("herald_publish_backlog_waits_total"),
-                m.sum("herald_publish_backlog_timeouts_total")
-            ));
-        }
-        return Err(e.context(counts.join("; ")));
+        return Err(e.context(backlog_counts(&cluster).await?.0));
     }
     sub.check_order(false)?;
     let ingress = cluster.nodes[0].metrics().await?;

@@ -419,18 +419,22 @@ mod tests {
         // Drained and backed up again: waiting resumes.
         link.drained(0);
         link.queued(64);
-        let drainer = {
-            let link = link.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                link.drained(3);
-            })
-        };
+        let link = link.clone();
+        relieved_by(&backlog, move || link.drained(3)).await;
+    }
+
+    /// Waits on `backlog` while `relief` runs 20 ms later: the wait must
+    /// end relieved.
+    async fn relieved_by(backlog: &Backlog, relief: impl FnOnce() + Send + 'static) {
+        let relieving = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            relief();
+        });
         assert_eq!(
             backlog.wait_clear(Duration::from_secs(5)).await,
             Waited::Relieved
         );
-        drainer.await.expect("drainer");
+        relieving.await.expect("relief");
     }
 
     #[tokio::test]
@@ -455,18 +459,8 @@ mod tests {
             !backlog.links_congested(),
             "only this node's links are gossiped"
         );
-        let clearer = {
-            let backlog = backlog.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                backlog.set_remote_congested(0);
-            })
-        };
-        assert_eq!(
-            backlog.wait_clear(Duration::from_secs(5)).await,
-            Waited::Relieved
-        );
-        clearer.await.expect("clearer");
+        let clearer = backlog.clone();
+        relieved_by(&backlog, move || clearer.set_remote_congested(0)).await;
         // A timed-out wait stalls until both this node's links and the
         // other members' have drained.
         let link = LinkBacklog::new(backlog.clone(), 64);
